@@ -1,0 +1,28 @@
+"""dlkernels: fused Triton and CUDA C++ kernels for classic deep-learning building blocks.
+
+``dlkernels.ops`` holds the autograd-aware custom ops, ``dlkernels.nn`` and ``dlkernels.optim`` the drop-in
+replacements for ``torch.nn`` modules and ``torch.optim`` optimizers.
+"""
+from ._backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend,
+    get_backend,
+    set_backend,
+)
+from . import ops, nn, optim  # noqa: E402  (ops register with torch.library on import)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend",
+    "get_backend",
+    "set_backend",
+    "ops",
+    "nn",
+    "optim",
+]

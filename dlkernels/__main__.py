@@ -1,0 +1,99 @@
+"""``python -m dlkernels info`` (which backends run here) and ``python -m dlkernels bench`` (the main job).
+
+``bench`` on a GPU times every implemented op against PyTorch/cuDNN and prints the table; without a GPU it runs each
+op's kernels against eager PyTorch on small shapes through Triton's interpreter and prints a correctness table.
+The benchmark scripts live in the repository's ``bench/`` folder (editable installs and source checkouts).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def info() -> None:
+    import torch
+
+    import dlkernels
+    from dlkernels import _backend
+
+    print(f"dlkernels {dlkernels.__version__}  torch {torch.__version__}  cuda {torch.version.cuda}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}  interpreter {'on' if _backend.interpreter_active() else 'off'}")
+    except ImportError:
+        print("triton: not installed")
+    print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"requested backend: {dlkernels.get_backend()}")
+    for name, ok in dlkernels.available_backends().items():
+        print(f"  {name:10s} {'available' if ok else 'not available'}")
+
+
+def bench_modules(only: list[str] | None):
+    if not BENCH_DIR.is_dir():
+        raise SystemExit(f"benchmarks need the repository's bench/ folder next to the package ({BENCH_DIR} is missing)")
+    sys.path.insert(0, str(BENCH_DIR))
+    names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+    mods = [importlib.import_module(n) for n in names]
+    return [m for m in mods if only is None or m.OP in only]
+
+
+def bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be on before triton is imported: start again with it set.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        argv = ["bench", *(["--full"] if args.full else []), *(["--ops", args.ops] if args.ops else [])]
+        return subprocess.call([sys.executable, "-m", "dlkernels", *argv], env=env)
+    mods = bench_modules(args.ops.split(",") if args.ops else None)
+    import runner
+
+    if not torch.cuda.is_available():
+        print("No GPU here: checking each op's Triton kernels against eager PyTorch on small shapes (interpreter).")
+        print("Speed needs a GPU: run `python -m dlkernels bench` (or bash bench/gpu_check.sh) on one.\n")
+        results = [c for m in mods for c in m.checks()]
+        print(runner.correctness_table(results))
+        bad = [c for c in results if not c.ok]
+        print(f"\n{len(results) - len(bad)} passed, {len(bad)} failed")
+        return 1 if bad else 0
+    env = runner.environment()
+    ceilings = runner.measure_ceilings()
+    print(f"{env['gpu']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    tables = []
+    for m in mods:
+        rows = runner.run_cases(m.cases(quick=not args.full), ceilings, env)
+        path = runner.save(m.OP, rows, ceilings, env)
+        tables.append(runner.markdown_table(rows))
+        print(f"{m.OP}: wrote {path}")
+    print("\n" + "\n\n".join(tables))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dlkernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="which backends are available here")
+    b = sub.add_parser("bench", help="benchmark (GPU) or correctness table (CPU) for every op")
+    b.add_argument("--full", action="store_true", help="size sweeps instead of the quick set")
+    b.add_argument("--ops", help="comma-separated op names (default: all)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    return bench(args)
+
+
+def bench_main() -> int:
+    """Console script ``dlkernels-bench``: the same as ``dlkernels bench``."""
+    return main(["bench", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Drop-in replacements for ``torch.optim`` optimizers, built on ``dlkernels.ops``."""
+
+__all__: list[str] = []
