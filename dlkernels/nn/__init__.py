@@ -2,3 +2,4 @@
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__: list[str] = []
+from .attention import MultiheadAttention, TransformerEncoderLayer  # noqa: E402
