@@ -18,7 +18,8 @@ from the Triton kernel's mask (both are correct dropout; each is consistent betw
 
 Implementations: the Triton kernel (flash-attention-2 style, fp16/bf16 on the GPU; any float dtype under the
 interpreter) and the eager reference. fp32 and fp64 inputs on the GPU run the reference path (no tf32 kernel), so
-their accuracy matches eager PyTorch. Head dims above 256 run the reference path too.
+their accuracy matches eager PyTorch; float64 inputs and head dims above 256 run the reference path everywhere.
+Under Triton's interpreter (CPU tests) fp32 runs the kernel with full-precision dots.
 
 The forward op returns ``(out, lse)``: ``lse`` (B, Hq, Nq) float32 is the natural-log log-sum-exp of each row's
 scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). The backward op uses only
@@ -204,6 +205,8 @@ def _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, left, 
 def _unsupported(q: torch.Tensor) -> str | None:
     if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {_MAX_KERNEL_HEAD_DIM}"
+    if q.dtype == torch.float64:
+        return "float64 inputs (the kernel accumulates in float32)"
     if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_GPU:
         return f"{q.dtype} inputs on the GPU (the kernel is fp16/bf16)"
     return None
