@@ -75,7 +75,7 @@ def _padding_as_bool(key_padding_mask: Tensor) -> Tensor | None:
     """The kernel's bool padding mask for ``key_padding_mask``, or None when the kernel cannot express it."""
     if key_padding_mask.dtype == torch.bool:
         return key_padding_mask
-    if not key_padding_mask.is_floating_point() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
     # A float mask is additive; only 0 (keep) and -inf (drop) mean padding. Reading the values syncs once.
     is_padding = key_padding_mask == float("-inf")
@@ -170,6 +170,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             return True
         if key_padding_mask is None:
             return False
+        if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
+            return True
         key_len = key.shape[1 - batch_dim] if batched else key.shape[0]
         expected = (key.shape[batch_dim], key_len) if batched else (key_len,)
         return tuple(key_padding_mask.shape) != expected

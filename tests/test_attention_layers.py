@@ -1,0 +1,539 @@
+"""dlkernels.nn.MultiheadAttention and TransformerEncoderLayer against torch's modules with the same state_dict.
+
+Each comparison runs ours (on the Triton kernel through the interpreter, or on the reference backend), torch in
+the same dtype (the eager error) and torch in float64 (the reference), and holds ours to 2x eager PyTorch's error
+for outputs and 3x for gradients. Windows are checked against torch given the equivalent explicit mask.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dlkernels
+from dlkernels import _backend
+from dlkernels.nn import attention as layers
+from dlkernels.testing import assert_close, make_input
+
+E, HEADS = 32, 2  # head dim 16: the smallest the kernel's tl.dot takes
+BACKENDS = ["triton", "reference"]
+
+
+def randomize(module: nn.Module, seed: int) -> None:
+    """Non-trivial values for every parameter (torch zeroes the biases), the same for a given seed."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(module.named_parameters()):
+            norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(make_input(p.shape, p.dtype, seed=seed * 100 + i, std=0.4, mean=1.0 if norm_scale else 0.0))
+
+
+def blocked_by_window(nq, nk, left, right, causal=False):
+    """Bool (nq, nk), True where query i must not see key j, written independently of the layer's helper."""
+    blocked = torch.zeros(nq, nk, dtype=torch.bool)
+    for i in range(nq):
+        for j in range(nk):
+            inside = (left is None or j >= i - left) and (right is None or j <= i + right) and not (causal and j > i)
+            blocked[i, j] = not inside
+    return blocked
+
+
+def trio(torch_cls, ours_cls, kwargs, *, window=None, seed=0):
+    """(ours float32, torch float32, torch float64), all holding the same randomized parameters."""
+    eager = torch_cls(**kwargs)
+    randomize(eager, seed)
+    ours = ours_cls(**kwargs, window=window)
+    ours.load_state_dict(eager.state_dict())
+    return ours, eager, copy.deepcopy(eager).double()
+
+
+def run_and_compare(modules, inputs, call, backend, *, grads=True, name=""):
+    """Runs ``call(module, *inputs)`` for (ours, eager, reference); checks outputs and, with ``grads``, every input
+    and parameter gradient. ``call`` returns a tensor or a tuple whose None entries are skipped."""
+    ours, eager, ref = modules
+    results, grad_of = [], []
+    for module, dtype in zip(modules, (torch.float32, torch.float32, torch.float64)):
+        converted = {}  # keeps identity: a self-attention call passes one tensor three times
+        for x in inputs:
+            converted.setdefault(id(x), x.detach().to(dtype).requires_grad_(grads))
+        xs = [converted[id(x)] for x in inputs]
+        if module is ours:
+            with dlkernels.backend(backend):
+                out = call(module, *xs)
+        else:
+            out = call(module, *xs)
+        out = out if isinstance(out, tuple) else (out,)
+        results.append(out)
+        if grads:
+            torch.autograd.backward(out[0], make_input(out[0].shape, dtype, seed=77))
+            grad_of.append([x.grad for x in xs] + [p.grad for p in module.parameters()])
+    for k, (a, b, c) in enumerate(zip(*results)):
+        if a is None:
+            assert b is None and c is None, f"{name} result {k}: ours None, torch not"
+            continue
+        assert_close(a, c, b, name=f"{name} result {k}")
+    if grads:
+        names = [f"input {i}" for i in range(len(inputs))] + [n for n, _ in ours.named_parameters()]
+        for n, a, b, c in zip(names, *grad_of):
+            if a is None:
+                assert b is None, f"{name} grad of {n}: ours None, torch not"
+                continue
+            assert_close(a, c, b, factor=3.0, name=f"{name} grad of {n}")
+    return results
+
+
+def mha_inputs(batch_first, nq=11, nk=None, batch=2, kdim=E, vdim=E):
+    nk = nq if nk is None else nk
+
+    def shaped(n, dim, seed):
+        return make_input((batch, n, dim) if batch_first else (n, batch, dim), seed=seed)
+
+    return shaped(nq, E, 1), shaped(nk, kdim, 2), shaped(nk, vdim, 3)
+
+
+# --------------------------------------------------------------------------------------------- drop-in identity
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"bias": False}, {"kdim": 24, "vdim": 20}, {"add_bias_kv": True, "add_zero_attn": True}],
+    ids=["default", "no-bias", "kdim-vdim", "bias-kv"],
+)
+def test_mha_is_a_drop_in(kwargs):
+    torch.manual_seed(5)
+    theirs = nn.MultiheadAttention(E, HEADS, **kwargs)
+    torch.manual_seed(5)
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS, **kwargs)
+    assert isinstance(ours, nn.MultiheadAttention)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():  # same initialisation for the same seed
+        assert torch.equal(ours.state_dict()[key], value), key
+    randomize(theirs, 1)
+    ours.load_state_dict(theirs.state_dict())
+    randomize(ours, 2)
+    theirs.load_state_dict(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[key], value), key
+
+
+def test_encoder_layer_is_a_drop_in():
+    kwargs = dict(d_model=E, nhead=HEADS, dim_feedforward=48, dropout=0.0)
+    torch.manual_seed(5)
+    theirs = nn.TransformerEncoderLayer(**kwargs)
+    after_theirs = torch.rand(3)
+    torch.manual_seed(5)
+    ours = dlkernels.nn.TransformerEncoderLayer(**kwargs, window=(2, 3))
+    assert torch.equal(torch.rand(3), after_theirs), "construction used the random stream differently from torch's"
+    assert isinstance(ours, nn.TransformerEncoderLayer)
+    assert isinstance(ours.self_attn, dlkernels.nn.MultiheadAttention)
+    assert ours.window == (2, 3) and ours.self_attn.window == (2, 3)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    assert all(p.requires_grad and p.device.type == "cpu" for p in ours.parameters())
+    randomize(ours, 3)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_window_argument_is_checked():
+    for bad in [(1,), 3, (1, 2, 3)]:
+        with pytest.raises(TypeError, match="window"):
+            dlkernels.nn.MultiheadAttention(E, HEADS, window=bad)
+    with pytest.raises(TypeError, match="window left"):
+        dlkernels.nn.MultiheadAttention(E, HEADS, window=(1.5, 2))
+    with pytest.raises(ValueError, match="window right"):
+        dlkernels.nn.TransformerEncoderLayer(E, HEADS, window=(1, -1))
+    layer = dlkernels.nn.TransformerEncoderLayer(E, HEADS)
+    with pytest.raises(ValueError, match="window left"):
+        layer.window = (-2, None)
+
+
+def test_bad_input_raises_what_torch_raises():
+    theirs = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_input((2, 5, E))
+    bad_calls = [
+        lambda m: m(*[make_input((2, 5, E + 1))] * 3),  # wrong embedding size
+        lambda m: m(x, make_input((2, 6, E)), make_input((2, 7, E)), need_weights=False),  # key/value lengths
+        lambda m: m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool), need_weights=False),
+        lambda m: m(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.int32), need_weights=False),
+    ]
+    for call in bad_calls:
+        with pytest.raises(Exception) as theirs_error:
+            call(theirs)
+        with pytest.raises(theirs_error.type):
+            call(ours)
+
+
+# --------------------------------------------------------------------------------------------- MultiheadAttention
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize(
+    "kwargs,cross",
+    [({}, False), ({"bias": False}, False), ({}, True), ({"kdim": 24, "vdim": 20}, True),
+     ({"add_bias_kv": True, "add_zero_attn": True}, False)],
+    ids=["self", "self-no-bias", "cross", "cross-kdim-vdim", "bias-kv"],
+)
+def test_mha_matches_torch(backend, batch_first, need_weights, kwargs, cross):
+    kwargs = dict(embed_dim=E, num_heads=HEADS, batch_first=batch_first, **kwargs)
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, kwargs)
+    if cross:
+        inputs = list(mha_inputs(batch_first, nq=9, nk=13, kdim=kwargs.get("kdim", E), vdim=kwargs.get("vdim", E)))
+    else:
+        inputs = [mha_inputs(batch_first)[0]] * 3
+    padding = torch.rand(2, inputs[1].shape[1 if batch_first else 0], generator=torch.Generator().manual_seed(0)) < 0.3
+    padding[:, 0] = False
+
+    def call(m, q, k, v):
+        return m(q, k, v, key_padding_mask=padding, need_weights=need_weights, average_attn_weights=False)
+
+    run_and_compare(modules, inputs, call, backend, name="mha")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mha_unbatched_input(backend):
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS))
+    x = make_input((10, E), seed=4)
+    padding = torch.zeros(10, dtype=torch.bool)
+    padding[7:] = True
+    run_and_compare(modules, [x, x, x], lambda m, q, k, v: m(q, k, v, key_padding_mask=padding, need_weights=False),
+                    backend, name="unbatched")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_padding_mask(backend):
+    """Float 0/-inf masks (what nn.TransformerEncoder passes down) run the kernel; other additive values the
+    reference path; both match torch."""
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS,
+                                                                                    batch_first=True))
+    x = make_input((2, 12, E), seed=4)
+    additive = torch.zeros(2, 12)
+    additive[0, 9:] = float("-inf")
+    run_and_compare(modules, [x, x, x], lambda m, q, k, v: m(q, k, v, key_padding_mask=additive, need_weights=False),
+                    backend, name="0/-inf float mask")
+    additive[1, :4] = -0.75
+    run_and_compare(modules, [x, x, x], lambda m, q, k, v: m(q, k, v, key_padding_mask=additive, need_weights=False),
+                    backend, name="additive float mask")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_padded_sequence(backend):
+    """A sequence whose keys are all padding: ours returns zero attention (so out_proj.bias) with finite gradients,
+    as torch's need_weights=False (SDPA) path does on the CPU; need_weights=True gives torch's own NaN."""
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS,
+                                                                                    batch_first=True))
+    ours = modules[0]
+    x = make_input((2, 7, E), seed=6)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1] = True
+    padding[0, 5:] = True
+    call = lambda m, q, k, v: m(q, k, v, key_padding_mask=padding, need_weights=False)  # noqa: E731
+    results = run_and_compare(modules, [x, x, x], call, backend, name="fully padded")
+    assert torch.equal(results[0][0][1], ours.out_proj.bias.detach().expand(7, E))
+    xq = x.clone().requires_grad_()
+    with dlkernels.backend(backend):
+        ours(xq, xq, xq, key_padding_mask=padding, need_weights=False)[0].sum().backward()
+    assert torch.isfinite(xq.grad).all() and all(torch.isfinite(p.grad).all() for p in ours.parameters())
+    with dlkernels.backend(backend):
+        out, weights = ours(x, x, x, key_padding_mask=padding)
+    torch_out, torch_weights = modules[1](x, x, x, key_padding_mask=padding)
+    assert torch.equal(out.isnan(), torch_out.isnan()) and out[1].isnan().all()
+    torch.testing.assert_close(out, torch_out, equal_nan=True)
+    torch.testing.assert_close(weights, torch_weights, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_is_causal(backend, need_weights, with_padding):
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS,
+                                                                                    batch_first=True))
+    x = make_input((2, 10, E), seed=8)
+    causal = torch.ones(10, 10, dtype=torch.bool).triu(1)
+    padding = torch.zeros(2, 10, dtype=torch.bool) if with_padding else None
+    if with_padding:
+        padding[0, 6:] = True
+
+    def hinted(m, q, k, v):
+        return m(q, k, v, key_padding_mask=padding, attn_mask=causal, is_causal=True,
+                 need_weights=need_weights)
+
+    run_and_compare(modules, [x, x, x], hinted, backend, name="is_causal with its mask")
+    ours, eager, ref = modules
+    with dlkernels.backend(backend):
+        without_mask = ours(x, x, x, key_padding_mask=padding, is_causal=True, need_weights=need_weights)
+        with_mask = hinted(ours, x, x, x)
+    for a, b in zip(without_mask, with_mask):  # is_causal alone (torch raises there) means the same
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+WINDOWS = [(0, 0), (2, 1), (None, 3), (4, None), (0, None), (None, None), (40, 40), (3, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_matches_explicit_mask(backend, window, causal):
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS,
+                                                                                    batch_first=True), window=window)
+    ours, eager, ref = modules
+    x = make_input((2, 12, E), seed=9)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 8:] = True
+    blocked = blocked_by_window(12, 12, *window, causal=causal)
+
+    def call(m, q, k, v):
+        if m is ours:
+            return m(q, k, v, key_padding_mask=padding, is_causal=causal, need_weights=False)
+        return m(q, k, v, key_padding_mask=padding, attn_mask=blocked, need_weights=False)
+
+    run_and_compare(modules, [x, x, x], call, backend, name=f"window {window}")
+    with dlkernels.backend(backend):  # the weights path applies the window too
+        out, weights = ours(x, x, x, key_padding_mask=padding, is_causal=causal)
+    torch_out, torch_weights = eager(x, x, x, key_padding_mask=padding, attn_mask=blocked)
+    torch.testing.assert_close(out, torch_out, rtol=0, atol=0, equal_nan=True)  # NaN: rows with no key
+    torch.testing.assert_close(weights, torch_weights, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_cross_attention(backend):
+    """Different query and key lengths: the window is top-left aligned on absolute positions."""
+    window = (1, 4)
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS),
+                   window=window)
+    inputs = list(mha_inputs(False, nq=7, nk=13))
+    blocked = blocked_by_window(7, 13, *window)
+
+    def call(m, q, k, v):
+        if m is modules[0]:
+            return m(q, k, v, need_weights=False)
+        return m(q, k, v, attn_mask=blocked, need_weights=False)
+
+    run_and_compare(modules, inputs, call, backend, name="cross window")
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_window_composes_with_an_attn_mask(kind):
+    """An arbitrary attn_mask takes torch's path; the window is still applied on top of it."""
+    window = (3, 2)
+    ours, eager, _ = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention,
+                          dict(embed_dim=E, num_heads=HEADS, batch_first=True), window=window)
+    x = make_input((2, 10, E), seed=10)
+    user_blocked = torch.rand(10, 10, generator=torch.Generator().manual_seed(3)) < 0.2
+    user_blocked.fill_diagonal_(False)
+    user_mask = user_blocked if kind == "bool" else make_input((HEADS * 2, 10, 10), seed=11) * 0.5
+    both = (user_mask | blocked_by_window(10, 10, *window) if kind == "bool"
+            else user_mask.masked_fill(blocked_by_window(10, 10, *window), float("-inf")))
+    for need_weights in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = ours(x, x, x, attn_mask=user_mask, need_weights=need_weights)
+        expected = eager(x, x, x, attn_mask=both, need_weights=need_weights)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_float64_gradients_match_torch_closely():
+    """In float64 both sides are exact to rounding: every gradient within 1e-12 of torch's."""
+    ours, _, ref = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention,
+                        dict(embed_dim=E, num_heads=HEADS, kdim=24, vdim=20), window=(2, 5))
+    ours.double()
+    q, k, v = (t.double() for t in mha_inputs(False, nq=9, nk=12, kdim=24, vdim=20))
+    blocked = blocked_by_window(9, 12, 2, 5)
+    results = []
+    for m in (ours, ref):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        extra = {} if m is ours else {"attn_mask": blocked}
+        out = m(*xs, need_weights=False, **extra)[0]
+        out.backward(make_input(out.shape, torch.float64, seed=5))
+        results.append([out] + [t.grad for t in xs] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_goes_through_the_op(backend, monkeypatch):
+    """Training passes the module's dropout to the op (eval passes 0); dropout is reproducible under a seed."""
+    seen = []
+    real_op = layers.attention_op
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "attention_op", spy)
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS, dropout=0.4, batch_first=True)
+    x = make_input((2, 16, E), seed=12)
+    with dlkernels.backend(backend):
+        ours.eval()
+        plain = ours(x, x, x, need_weights=False)[0]
+        ours.train()
+        torch.manual_seed(1)
+        dropped = ours(x, x, x, need_weights=False)[0]
+        torch.manual_seed(1)
+        again = ours(x, x, x, need_weights=False)[0]
+    assert seen == [0.0, 0.4, 0.4]
+    assert torch.equal(dropped, again)
+    assert not torch.allclose(dropped, plain, atol=1e-3)
+
+
+def test_deterministic_algorithms_ask_for_a_deterministic_backward(monkeypatch):
+    seen = []
+    real_op = layers.attention_op
+    monkeypatch.setattr(layers, "attention_op", lambda *a, **kw: seen.append(kw["deterministic"]) or real_op(*a, **kw))
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS)
+    x = make_input((5, 2, E))
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag in (True, False):
+            torch.use_deterministic_algorithms(flag)
+            ours(x, x, x, need_weights=False)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [True, False]
+
+
+def test_fallback_warnings(monkeypatch):
+    """Warn once where the caller asked for the output only and the kernel cannot serve; never for the default
+    need_weights=True call, whose weights are a legitimate request."""
+    monkeypatch.setattr(_backend, "_warned", set())
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS)
+    x = make_input((6, 2, E))
+    with dlkernels.backend("triton"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours(x, x, x)
+            ours(x, x, x, need_weights=False, is_causal=True)
+        mask = torch.zeros(6, 6, dtype=torch.bool)
+        with pytest.warns(UserWarning, match="attn_mask"):
+            ours(x, x, x, need_weights=False, attn_mask=mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours(x, x, x, need_weights=False, attn_mask=mask)  # once per reason
+
+
+# --------------------------------------------------------------------------------------------- encoder layer
+
+ENCODER = dict(d_model=E, nhead=HEADS, dim_feedforward=48, dropout=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(norm_first=True), dict(batch_first=True, activation="gelu"),
+     dict(batch_first=True, norm_first=True, activation=F.silu, bias=False), dict(layer_norm_eps=1e-3)],
+    ids=["post-norm", "pre-norm", "batch-first-gelu", "pre-norm-silu-no-bias", "eps"],
+)
+def test_encoder_layer_matches_torch(backend, options):
+    modules = trio(nn.TransformerEncoderLayer, dlkernels.nn.TransformerEncoderLayer, dict(ENCODER, **options))
+    batch_first = options.get("batch_first", False)
+    x = make_input((2, 11, E) if batch_first else (11, 2, E), seed=13)
+    padding = torch.zeros(2, 11, dtype=torch.bool)
+    padding[0, 7:] = True
+    run_and_compare(modules, [x], lambda m, src: m(src, src_key_padding_mask=padding), backend, name="encoder")
+    causal = nn.Transformer.generate_square_subsequent_mask(11)
+    run_and_compare(modules, [x], lambda m, src: m(src, src_mask=causal.to(src.dtype), is_causal=True), backend,
+                    name="causal encoder")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_layer_window_in_eval_skips_torch_fast_path(backend, monkeypatch):
+    """In eval under no_grad (where torch's layer runs its fused native path) ours still runs its own attention
+    with the window: equal to torch's layer given the window as a mask."""
+    window = (2, 1)
+    ours, eager, ref = trio(nn.TransformerEncoderLayer, dlkernels.nn.TransformerEncoderLayer,
+                            dict(ENCODER, batch_first=True), window=window)
+    for m in (ours, eager, ref):
+        m.eval()
+    x = make_input((2, 12, E), seed=14)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 9:] = True
+    blocked = blocked_by_window(12, 12, *window)
+    with torch.no_grad():
+        expected = ref(x.double(), src_mask=blocked, src_key_padding_mask=padding)
+        eager_out = eager(x, src_mask=blocked, src_key_padding_mask=padding)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("torch's fused native path ran")
+
+        monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", forbidden)
+        monkeypatch.setattr(torch, "_native_multi_head_attention", forbidden)
+        with dlkernels.backend(backend):
+            got = ours(x, src_key_padding_mask=padding)
+    # The fused path leaves padded query rows unspecified: compare the real ones.
+    keep = ~padding
+    assert_close(got[keep], expected[keep], eager_out[keep], name="eval encoder with window")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stock_transformer_encoder_of_our_layers(backend, monkeypatch):
+    """nn.TransformerEncoder built from our layers: its nested-tensor path stays off (our layers get plain tensors
+    and the float 0/-inf padding mask it makes runs the kernel), in training and in eval."""
+    calls = []
+    real_op = layers.attention_op
+    monkeypatch.setattr(layers, "attention_op", lambda *a, **kw: calls.append(1) or real_op(*a, **kw))
+    window = (3, 3)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enable_nested_tensor=True: torch warns that it is off for these layers
+        stack = nn.TransformerEncoder(dlkernels.nn.TransformerEncoderLayer(**ENCODER, batch_first=True,
+                                                                          window=window), num_layers=2)
+    reference = nn.TransformerEncoder(nn.TransformerEncoderLayer(**ENCODER, batch_first=True), num_layers=2,
+                                      enable_nested_tensor=False)
+    randomize(stack, 15)
+    reference.load_state_dict(stack.state_dict())
+    x = make_input((2, 10, E), seed=16)
+    padding = torch.zeros(2, 10, dtype=torch.bool)
+    padding[0, 6:] = True
+    blocked = blocked_by_window(10, 10, *window)
+    for training in (True, False):
+        stack.train(training)
+        reference.train(training)
+        with torch.no_grad():
+            with dlkernels.backend(backend):
+                got = stack(x, src_key_padding_mask=padding)
+            expected = reference.double()(x.double(), mask=blocked, src_key_padding_mask=padding)
+            eager = reference.float()(x, mask=blocked, src_key_padding_mask=padding)
+        assert_close(got[~padding], expected[~padding], eager[~padding], name=f"stack training={training}")
+    assert len(calls) == 4, "the layers did not run the attention op"
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_encoder(backend):
+    torch._dynamo.reset()
+    layer_kwargs = dict(ENCODER, batch_first=True, norm_first=True)
+    encoder = nn.Sequential(
+        dlkernels.nn.TransformerEncoderLayer(**layer_kwargs, window=(4, 0)),
+        dlkernels.nn.TransformerEncoderLayer(**layer_kwargs, window=(2, 2)),
+    )
+    randomize(encoder, 17)
+    x = make_input((2, 12, E), seed=18)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 8:] = True
+
+    def step(module, src):
+        out = src
+        for layer in module:
+            out = layer(out, src_key_padding_mask=padding)
+        return out
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        model = copy.deepcopy(encoder)
+        src = x.clone().requires_grad_()
+        with dlkernels.backend(backend):
+            out = fn(model, src)
+            out.backward(make_input(out.shape, seed=19))
+        results.append([out, src.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
