@@ -1,0 +1,384 @@
+"""dlkernels.ops.attention: Triton kernels (interpreter on CPU) against an explicit-mask float64 reference.
+
+Error rule (dlkernels.testing): kernel error <= 2x (outputs) / 3x (gradients) eager PyTorch's error in the same
+dtype, plus the dtype floor. Every Triton output is allocated NaN-poisoned (``poisoned_empty``), so elements a
+kernel forgets to write fail the comparison.
+"""
+import math
+import random
+
+import pytest
+import torch
+
+import dlkernels
+from dlkernels.ops import attention
+from dlkernels.testing import compare, make_input
+
+GRAD_FACTOR = 3.0
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled floating tensors for the duration of a test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def make_qkv(b, hq, hkv, nq, nk, d, dtype, device, seed=0):
+    q = make_input((b, hq, nq, d), dtype, device, seed=seed, requires_grad=True)
+    k = make_input((b, hkv, nk, d), dtype, device, seed=seed + 1, requires_grad=True)
+    v = make_input((b, hkv, nk, d), dtype, device, seed=seed + 2, requires_grad=True)
+    return q, k, v
+
+
+def explicit_allowed(nq, nk, window, causal, key_padding_mask, device):
+    """The documented rule spelled out: i - left <= j <= i + right, causal caps right at 0, padding removed."""
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    i = torch.arange(nq, device=device).view(nq, 1)
+    j = torch.arange(nk, device=device).view(1, nk)
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if left is not None:
+        allowed = allowed & (i - left <= j)
+    if right is not None:
+        allowed = allowed & (j <= i + right)
+    allowed = allowed.view(1, 1, nq, nk)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.view(key_padding_mask.shape[0], 1, 1, nk)
+    return allowed
+
+
+def explicit_attention(q, k, v, allowed, scale, keep=None, dropout_p=0.0):
+    """Eager attention in q's dtype with an explicit mask; rows with no key give 0 (torch.nan_to_num-free)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has_key = allowed.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * allowed
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return probs @ v
+
+
+def check_against_reference(q, k, v, *, causal=False, window=None, scale=None, key_padding_mask=None,
+                            deterministic=False, keep=None, dropout_p=0.0, run=None):
+    """Runs the Triton path (or ``run``), then checks out, dq, dk, dv against float64 with the eager-error budget."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    grad_out = make_input(q.shape, q.dtype, q.device, seed=99)
+    with dlkernels.backend("triton"):
+        if run is None:
+            out = attention(q, k, v, causal=causal, window=window, scale=scale, key_padding_mask=key_padding_mask,
+                            deterministic=deterministic)
+        else:
+            out = run()
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    allowed = explicit_allowed(q.shape[2], k.shape[2], window, causal, key_padding_mask, q.device)
+    results = []
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    leaves_eager = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    ref = explicit_attention(*leaves64, allowed, scale, keep, dropout_p)
+    eager = explicit_attention(*leaves_eager, allowed, scale, keep, dropout_p)
+    ref_grads = torch.autograd.grad(ref, leaves64, grad_out.double())
+    eager_grads = torch.autograd.grad(eager, leaves_eager, grad_out)
+    results.append(compare("out", out, ref, eager))
+    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
+        results.append(compare(name, g, rg, eg, factor=GRAD_FACTOR))
+    bad = [str(r) for r in results if not r.ok]
+    assert not bad, "; ".join(bad)
+    return out, grads
+
+
+CASES = [
+    # b, hq, hkv, nq, nk, d, causal, window
+    (2, 2, 2, 64, 64, 32, True, None),
+    (1, 2, 2, 113, 203, 40, False, None),
+    (1, 2, 1, 113, 203, 72, True, None),
+    (1, 4, 2, 96, 80, 64, False, (17, 5)),
+    (1, 4, 1, 1, 203, 16, False, None),
+    (1, 2, 2, 113, 1, 16, False, None),
+    (2, 3, 3, 1, 1, 24, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_h{}x{}_n{}x{}_d{}_causal{}_w{}".format(*c))
+def test_matches_reference(case, dtype, device, poisoned_empty):
+    b, hq, hkv, nq, nk, d, causal, window = case
+    if nk == 1 and dtype == torch.float32:
+        pytest.skip("one key: dq = dk = 0 exactly in eager; the kernel's p * (dp - delta) leaves fp32 rounding of dp "
+                    "(~1e-6), below fp16's floor but above fp32's; covered by test_single_key")
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dtype, device)
+    check_against_reference(q, k, v, causal=causal, window=window)
+
+
+def test_single_key(device, poisoned_empty):
+    q, k, v = make_qkv(2, 4, 2, 33, 1, 16, torch.float32, device, seed=13)
+    grad_out = make_input(q.shape, q.dtype, device, seed=99)
+    with dlkernels.backend("triton"):
+        out = attention(q, k, v)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    torch.testing.assert_close(out, v.detach().repeat_interleave(2, dim=1).expand_as(out), rtol=0, atol=1e-6)
+    torch.testing.assert_close(dv, grad_out.view(2, 2, 2, 33, 16).sum((2, 3)).unsqueeze(2), rtol=1e-5, atol=1e-5)
+    # Mathematically zero: the flash formula leaves rounding of dO . v (|dO . v| <~ 20 here).
+    assert dq.abs().max() < 2e-5 and dk.abs().max() < 2e-5
+
+
+def _random_windows(count, seed=1234):
+    rng = random.Random(seed)
+    sides = lambda: rng.choice([None, 0, 1, rng.randrange(2, 40), rng.randrange(40, 200), 500])  # noqa: E731
+    return [((sides(), sides()), rng.random() < 0.3) for _ in range(count)]
+
+
+@pytest.mark.parametrize("window,causal", _random_windows(10) + [((0, 0), False), ((500, 500), False), ((8, None), True)])
+def test_random_windows(window, causal, device, poisoned_empty):
+    q, k, v = make_qkv(1, 2, 1, 70, 90, 16, torch.float16, device, seed=7)
+    check_against_reference(q, k, v, causal=causal, window=window)
+
+
+def test_scale_and_deterministic_backward(device, poisoned_empty):
+    q, k, v = make_qkv(1, 4, 2, 50, 70, 48, torch.float16, device, seed=3)
+    _, grads = check_against_reference(q, k, v, window=(9, 3), scale=0.3, deterministic=True)
+    grad_out = make_input(q.shape, q.dtype, device, seed=99)
+    for _ in range(2):
+        with dlkernels.backend("triton"):
+            out = attention(q, k, v, window=(9, 3), scale=0.3, deterministic=True)
+            again = torch.autograd.grad(out, (q, k, v), grad_out)
+        for g, g2 in zip(grads, again):
+            assert torch.equal(g, g2), "deterministic backward is not bitwise reproducible"
+
+
+def test_padding_and_rows_without_keys(device, poisoned_empty):
+    b, nk = 3, 60
+    kpm = torch.zeros(b, nk, dtype=torch.bool, device=device)
+    kpm[0, 40:] = True  # trailing padding
+    kpm[1] = True  # every key masked: all rows of batch 1 have no key
+    kpm[2, ::3] = True
+    # window (0, 2) + 50 queries over 60 keys: with batch 2's pattern every row keeps a key; batch 0 rows >= 40 none.
+    q, k, v = make_qkv(b, 2, 2, 50, nk, 32, torch.float16, device, seed=5)
+    for deterministic in (False, True):
+        out, (dq, dk, dv) = check_against_reference(
+            q, k, v, window=(0, 2), key_padding_mask=kpm, deterministic=deterministic
+        )
+        assert torch.all(out[1] == 0) and torch.all(dq[1] == 0) and torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
+        assert torch.all(out[0, :, 40:] == 0) and torch.all(dq[0, :, 40:] == 0)
+        assert torch.all(dk[0, :, 40:] == 0) and torch.all(dv[0, :, 40:] == 0)
+
+
+def test_no_nan_for_rows_outside_every_window(device, poisoned_empty):
+    # 80 queries over 20 keys with a window of (2, 2): queries 22.. see no key at all.
+    q, k, v = make_qkv(1, 2, 2, 80, 20, 16, torch.float16, device, seed=11)
+    out, grads = check_against_reference(q, k, v, window=(2, 2))
+    assert torch.all(out[:, :, 22:] == 0) and torch.all(grads[0][:, :, 22:] == 0)
+
+
+def test_strided_inputs(device, poisoned_empty):
+    b, n, h, d = 2, 45, 4, 40
+    # (B, N, 3, H, D) packed projections viewed as (B, H, N, D): strided, last stride 1.
+    packed = make_input((b, n, 3, h, d), torch.float16, device, seed=21).requires_grad_(True)
+    q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    grad_out = make_input((b, h, n, d), torch.float16, device, seed=99)
+    with dlkernels.backend("triton"):
+        out = attention(q, k, v, causal=True)
+        (dpacked,) = torch.autograd.grad(out, packed, grad_out)
+    leaves = [t.detach().contiguous().requires_grad_(True) for t in (q, k, v)]
+    with dlkernels.backend("triton"):
+        out_c = attention(*leaves, causal=True)
+        grads_c = torch.autograd.grad(out_c, leaves, grad_out)
+    assert torch.equal(out, out_c)
+    for i, g in enumerate(grads_c):
+        assert torch.equal(dpacked[:, :, i].transpose(1, 2), g)
+    # A last dim that is not contiguous still works (the kernel takes every stride).
+    qt = q.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True)
+    kt, vt = (t.detach().requires_grad_(True) for t in (k, v))
+    check_against_reference(qt, kt, vt, causal=True)
+
+
+def test_keys_outside_window_blocks_are_never_read(device, poisoned_empty):
+    """Keys more than one block beyond every window are NaN: block skipping must never touch them."""
+    from dlkernels.kernels.attention import block_config
+
+    n, d, left, right = 160, 16, 4, 6
+    q, k, v = make_qkv(1, 2, 2, n, n, d, torch.float16, device, seed=31)
+    cfg = block_config(16, torch.device(device), "fwd")
+    far = 2 * max(cfg["BLOCK_M"], cfg["BLOCK_N"]) + left + right
+    k_poison, v_poison = k.detach().clone(), v.detach().clone()
+    k_poison[:, :, n - 8:] = float("nan")  # rows 0.. far before see none of these
+    v_poison[:, :, n - 8:] = float("nan")
+    rows = n - 8 - far
+    with dlkernels.backend("triton"):
+        out = attention(q[:, :, :rows], k_poison, v_poison, window=(left, right))
+    with dlkernels.backend("triton"):
+        clean = attention(q[:, :, :rows], k, v, window=(left, right))
+    assert not out.isnan().any()
+    assert torch.equal(out, clean)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout
+
+
+def _seed_tensor(value):
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def test_dropout_matches_reference_with_the_kernel_mask(device, poisoned_empty):
+    from dlkernels.kernels.attention import dropout_keep_mask
+
+    p, seed = 0.3, 123456789012345
+    q, k, v = make_qkv(2, 2, 1, 45, 70, 32, torch.float16, device, seed=41)
+    keep = dropout_keep_mask(seed, 2, 2, 45, 70, p, device)
+    scale = 1.0 / math.sqrt(32)
+    for deterministic in (False, True):
+        def run():
+            out, _ = torch.ops.dlkernels.attention_forward(
+                q, k, v, None, _seed_tensor(seed), scale, 10, 5, p, deterministic
+            )
+            return out
+
+        check_against_reference(q, k, v, window=(10, 5), keep=keep, dropout_p=p, run=run)
+
+
+def test_dropout_kept_fraction():
+    from dlkernels.kernels.attention import dropout_keep_mask
+
+    for p in (0.1, 0.5):
+        keep = dropout_keep_mask(2024, 2, 3, 64, 96, p, "cpu")
+        n = keep.numel()
+        kept = int(keep.sum())
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(kept - n * (1 - p)) < 5 * sigma, f"kept {kept} of {n} at p={p}"
+        # Different seeds give (almost surely) different masks; rows are not copies of each other.
+        assert not torch.equal(keep, dropout_keep_mask(2025, 2, 3, 64, 96, p, "cpu"))
+        assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_dropout_reproducible_for_a_generator_state(impl, device):
+    q, k, v = make_qkv(1, 2, 2, 33, 40, 16, torch.float16, device, seed=51)
+    with dlkernels.backend(impl):
+        torch.manual_seed(0)
+        a = attention(q, k, v, dropout_p=0.4)
+        torch.manual_seed(0)
+        b = attention(q, k, v, dropout_p=0.4)
+        c = attention(q, k, v, dropout_p=0.4)
+        plain = attention(q, k, v)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, reference path, errors
+
+
+def test_opcheck(device):
+    q, k, v = make_qkv(1, 4, 2, 20, 24, 16, torch.float32, device, seed=61)
+    kpm = torch.zeros(1, 24, dtype=torch.bool, device=device)
+    kpm[0, 3] = True
+    with dlkernels.backend("triton"):
+        torch.library.opcheck(
+            torch.ops.dlkernels.attention_forward, (q, k, v, kpm, _seed_tensor(7), 0.25, 3, -1, 0.2, False)
+        )
+        out, lse = torch.ops.dlkernels.attention_forward(q, k, v, None, None, 0.25, -1, 0, 0.0, True)
+        grad_out = make_input(out.shape, out.dtype, device, seed=62)
+        torch.library.opcheck(
+            torch.ops.dlkernels.attention_backward,
+            (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, 0.25, -1, 0, 0.0, True),
+        )
+
+
+def test_compile_fullgraph_no_recompile_on_length_change(device):
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v):
+        out = attention(q, k, v, window=(8, 0))
+        return out.float().square().sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    with dlkernels.backend("triton"):
+        for n in (24, 40, 57):
+            q, k, v = make_qkv(1, 2, 1, n, n, 16, torch.float16, device, seed=n)
+            for t in (q, k, v):
+                torch._dynamo.mark_dynamic(t, 2)
+            loss = compiled(q, k, v)
+            grads = torch.autograd.grad(loss, (q, k, v))
+            loss_eager = step(q, k, v)
+            grads_eager = torch.autograd.grad(loss_eager, (q, k, v))
+            assert torch.equal(loss, loss_eager)
+            for g, ge in zip(grads, grads_eager):
+                assert torch.equal(g, ge)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+    torch._dynamo.reset()
+
+
+def test_reference_path_matches_kernel_definition(device):
+    q, k, v = make_qkv(2, 4, 2, 37, 51, 24, torch.float32, device, seed=71)
+    kpm = torch.zeros(2, 51, dtype=torch.bool, device=device)
+    kpm[1, 30:] = True
+    with dlkernels.backend("reference"):
+        check_against_reference(q, k, v, window=(5, 9), key_padding_mask=kpm,
+                                run=lambda: attention(q, k, v, window=(5, 9), key_padding_mask=kpm))
+
+
+@pytest.mark.parametrize(
+    "make_args,error",
+    [
+        (lambda q, k, v: ((q[0], k, v), {}), ValueError),
+        (lambda q, k, v: ((q, k.half(), v), {}), TypeError),
+        (lambda q, k, v: ((q.int(), k.int(), v.int()), {}), TypeError),
+        (lambda q, k, v: ((q, k, v[:, :, :5]), {}), ValueError),
+        (lambda q, k, v: ((q, k[..., :8], v[..., :8]), {}), ValueError),
+        (lambda q, k, v: ((q[:, :3], k, v), {}), ValueError),
+        (lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError),
+        (lambda q, k, v: ((q, k, v), {"window": (-1, 3)}), ValueError),
+        (lambda q, k, v: ((q, k, v), {"window": (3,)}), ValueError),
+        (lambda q, k, v: ((q, k, v), {"dropout_p": 1.0}), ValueError),
+        (lambda q, k, v: ((q, k, v), {"key_padding_mask": torch.zeros(2, 9, dtype=torch.bool)}), ValueError),
+        (lambda q, k, v: ((q, k, v), {"key_padding_mask": torch.zeros(2, 10)}), TypeError),
+    ],
+)
+def test_bad_inputs(make_args, error):
+    q = torch.randn(2, 4, 7, 16)
+    k = torch.randn(2, 2, 10, 16)
+    v = torch.randn(2, 2, 10, 16)
+    args, kwargs = make_args(q, k, v)
+    with pytest.raises(error):
+        attention(*args, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape,causal,window",
+    [
+        ((2, 8, 8, 1000, 1000, 64), True, None),
+        ((2, 8, 2, 777, 1500, 128), False, None),
+        ((1, 4, 4, 2048, 2048, 80), False, (256, 256)),
+        ((1, 4, 1, 513, 513, 256), True, (100, None)),
+        ((1, 4, 4, 300, 300, 40), False, (0, 0)),
+    ],
+)
+def test_gpu_matches_reference(shape, causal, window, dtype, poisoned_empty):
+    q, k, v = make_qkv(*shape, dtype, "cuda", seed=81)
+    kpm = torch.zeros(shape[0], shape[4], dtype=torch.bool, device="cuda")
+    kpm[-1, shape[4] // 2:] = True
+    for deterministic in (False, True):
+        check_against_reference(q, k, v, causal=causal, window=window, key_padding_mask=kpm,
+                                deterministic=deterministic)
