@@ -1,3 +1,6 @@
 """Drop-in replacements for ``torch.optim`` optimizers, built on ``dlkernels.ops``."""
+from .adam import Adam, AdamW
+from .sgd import SGD
+from .swats import SWATS
 
-__all__: list[str] = []
+__all__: list[str] = ["Adam", "AdamW", "SGD", "SWATS"]
