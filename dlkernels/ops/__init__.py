@@ -5,3 +5,4 @@ __all__: list[str] = []
 
 from .attention import attention  # noqa: E402
 __all__ += ["attention"]
+from .optim import adam_step, sgd_step, swats_step  # noqa: E402,F401
