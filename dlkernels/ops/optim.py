@@ -65,6 +65,11 @@ def _choose(op: str, tensor_lists: list[list[Tensor]]) -> str:
     return _backend.choose(op, params[0].device, has_cuda=True, unsupported=_unsupported(tensor_lists))
 
 
+def _run_cuda(name: str, args: tuple, device: torch.device) -> None:
+    """Calls ``dlkernels._C.<name>`` on the current stream of ``device`` (the binding needs no CUDA headers)."""
+    getattr(_backend.cuda_extension(), name)(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
 def _skipped(found_inf: Optional[Tensor]) -> bool:
     """Reference path only (it may synchronize): whether AMP found an inf/NaN, so the step is skipped."""
     return found_inf is not None and bool(found_inf.item() != 0)
@@ -116,7 +121,7 @@ def adam_step(
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
     if impl == "cuda":
-        _backend.cuda_extension().adam_step(*args)
+        _run_cuda("adam_step", args, params[0].device)
     elif impl == "triton":
         from ..kernels import optim as kernels
 
@@ -176,7 +181,7 @@ def sgd_step(
     args = (params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
             maximize, grad_scale, found_inf)
     if impl == "cuda":
-        _backend.cuda_extension().sgd_step(*args)
+        _run_cuda("sgd_step", args, params[0].device)
     elif impl == "triton":
         from ..kernels import optim as kernels
 
@@ -251,7 +256,7 @@ def swats_step(
     args = (params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, switch_state, lr, lr_tensor, beta1, beta2,
             eps, weight_decay, grad_scale, found_inf)
     if impl == "cuda":
-        _backend.cuda_extension().swats_step(*args)
+        _run_cuda("swats_step", args, params[0].device)
     elif impl == "triton":
         from ..kernels import optim as kernels
 
