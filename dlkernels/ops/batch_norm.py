@@ -60,7 +60,7 @@ def reference_forward(x, running_mean, running_var, weight, bias, training, mome
             running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean)
             running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * var * (count / (count - 1)))
     else:
-        mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
+        mean, var = running_mean.to(acc), running_var.to(acc)
     invstd = torch.rsqrt(var + eps)
     y = (xf - mean.view(shape)) * invstd.view(shape)
     if weight is not None:
@@ -69,11 +69,12 @@ def reference_forward(x, running_mean, running_var, weight, bias, training, mome
         y = y + bias.to(acc).view(shape)
     if relu:
         y = torch.relu(y)
-    return y.to(x.dtype), mean, invstd
+    return y.to(x.dtype), torch.stack([torch.zeros_like(mean), mean, invstd])
 
 
-def reference_backward(grad_out, x, weight, bias, mean, invstd, training, relu):
-    acc = mean.dtype
+def reference_backward(grad_out, x, weight, bias, stats, training, relu):
+    acc = stats.dtype
+    mean, invstd = stats[0] + stats[1], stats[2]
     dims = [0, *range(2, x.dim())]
     shape = _broadcast_shape(x)
     xhat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
@@ -114,8 +115,9 @@ def batch_norm_forward(
     momentum: float,
     eps: float,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, mean, invstd): the statistics used (batch or running), fp32 (fp64 for fp64 input)."""
+) -> tuple[Tensor, Tensor]:
+    """Returns (out, stats): stats is [3, C] (center, mean, invstd), fp32 (fp64 for fp64 input), describing the
+    statistics used (batch or running): the mean is center + mean (see dlkernels.kernels.batch_norm)."""
     impl = _backend.choose("batch_norm", x.device, unsupported=_unsupported(x))
     if impl == "reference":
         return reference_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
@@ -131,8 +133,7 @@ def batch_norm_forward(
 
 @batch_norm_forward.register_fake
 def _(x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
-    stats = x.new_empty(x.shape[1], dtype=_stats_dtype(x.dtype))
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x.dtype))
 
 
 @torch.library.custom_op("dlkernels::batch_norm_backward", mutates_args=())
@@ -141,8 +142,7 @@ def batch_norm_backward(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    mean: Tensor,
-    invstd: Tensor,
+    stats: Tensor,
     training: bool,
     relu: bool,
     output_mask: list[bool],
@@ -150,7 +150,7 @@ def batch_norm_backward(
     """Returns (grad_input, grad_weight, grad_bias); a gradient not asked for in ``output_mask`` is an empty tensor."""
     impl = _backend.choose("batch_norm", x.device, unsupported=_unsupported(x))
     if impl == "reference":
-        dx, gw, gb = reference_backward(grad_out, x, weight, bias, mean, invstd, training, relu)
+        dx, gw, gb = reference_backward(grad_out, x, weight, bias, stats, training, relu)
     else:
         from ..kernels import batch_norm as kernels
 
@@ -158,41 +158,39 @@ def batch_norm_backward(
         if channel_minor is None:
             x, channel_minor = x.contiguous(), _channel_minor(x.contiguous())
         dx, gw, gb = kernels.batch_norm_backward(
-            _like_layout(grad_out, channel_minor), x, weight, bias, mean, invstd, training, relu, channel_minor,
+            _like_layout(grad_out, channel_minor), x, weight, bias, stats, training, relu, channel_minor,
             *output_mask,
         )
-    empty = x.new_empty(0)
     return (
-        dx if output_mask[0] else empty,
-        gw.to(weight.dtype) if output_mask[1] else empty,
-        gb.to(bias.dtype) if output_mask[2] else empty,
+        dx if output_mask[0] else x.new_empty(0),
+        gw.to(weight.dtype) if output_mask[1] else x.new_empty(0),
+        gb.to(bias.dtype) if output_mask[2] else x.new_empty(0),
     )
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, x, weight, bias, mean, invstd, training, relu, output_mask):
-    empty = x.new_empty(0)
+def _(grad_out, x, weight, bias, stats, training, relu, output_mask):
     return (
-        torch.empty_like(x) if output_mask[0] else empty,
-        torch.empty_like(weight) if output_mask[1] else empty,
-        torch.empty_like(bias) if output_mask[2] else empty,
+        torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+        torch.empty_like(weight) if output_mask[1] else x.new_empty(0),
+        torch.empty_like(bias) if output_mask[2] else x.new_empty(0),
     )
 
 
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
-        out, mean, invstd = batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
+        out, stats = batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
         # ReLU's mask is recomputed from x and the statistics: neither the output nor a mask is saved.
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.save_for_backward(x, weight, bias, stats)
         ctx.training, ctx.relu = training, relu
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
-        dx, gw, gb = batch_norm_backward(grad_out, x, weight, bias, mean, invstd, ctx.training, ctx.relu, mask)
+        dx, gw, gb = batch_norm_backward(grad_out, x, weight, bias, stats, ctx.training, ctx.relu, mask)
         return (dx if mask[0] else None), None, None, (gw if mask[1] else None), (gb if mask[2] else None), \
             None, None, None, None
 
