@@ -142,7 +142,12 @@ def _random_windows(count, seed=1234):
     return [((sides(), sides()), rng.random() < 0.3) for _ in range(count)]
 
 
-@pytest.mark.parametrize("window,causal", _random_windows(10) + [((0, 0), False), ((500, 500), False), ((8, None), True)])
+# Sides of 1, 31, 33 put a row's last (first) key exactly one past a 32-block edge: catches off-by-one loop bounds.
+EDGE_WINDOWS = [((0, 0), False), ((1, 1), False), ((0, 1), False), ((1, 0), False), ((33, 31), False),
+                ((31, 33), False), ((500, 500), False), ((8, None), True), ((None, 1), True)]
+
+
+@pytest.mark.parametrize("window,causal", _random_windows(10, seed=2) + EDGE_WINDOWS)
 def test_random_windows(window, causal, device, poisoned_empty):
     q, k, v = make_qkv(1, 2, 1, 70, 90, 16, torch.float16, device, seed=7)
     check_against_reference(q, k, v, causal=causal, window=window)
