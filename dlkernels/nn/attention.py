@@ -150,7 +150,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             kernel = True
         if kernel:
             return self._kernel_forward(query, key, value, padding, is_causal), None
-        if why_not_kernel is not None and _kernel_device(query.device):
+        # warnings.warn cannot be traced: under torch.compile the fallback is silent (eager mode shows it).
+        if why_not_kernel is not None and not torch.compiler.is_compiling() and _kernel_device(query.device):
             _backend.warn_fallback("nn.MultiheadAttention", why_not_kernel)
         return self._reference_forward(
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
