@@ -1,6 +1,9 @@
 """Launch heuristics shared by every Triton kernel: block sizes and warp counts in one place."""
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 
 
@@ -13,10 +16,14 @@ def num_warps_for(block_elems: int) -> int:
     return max(1, min(16, next_pow2(block_elems // 512)))
 
 
-def sm_count(device) -> int:
-    """Streaming multiprocessors of ``device`` (a fixed 8 on CPU under the interpreter, to keep grids small)."""
-    import torch
+def gpu_launch_config(device: torch.device) -> bool:
+    """Whether to pick the GPU's block sizes: on CUDA devices, and under the interpreter when
+    ``DLKERNELS_GPU_LAUNCH_CONFIG=1`` (tests/test_gpu_compile.py records those launches to compile them for sm_90)."""
+    return device.type == "cuda" or os.environ.get("DLKERNELS_GPU_LAUNCH_CONFIG") == "1"
 
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed 8 on CPU under the interpreter, to keep grids small)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8
