@@ -24,11 +24,23 @@ def _one_minus_pow(one_minus_base, exponent):
     """``1 - (1 - one_minus_base) ** exponent`` in fp64 by repeated squaring (exponent: a non-negative int64)."""
     base = 1.0 - tl.cast(one_minus_base, tl.float64)
     result = base * 0.0 + 1.0
-    for _ in tl.static_range(32):
-        result = tl.where((exponent & 1) == 1, result * base, result)
+    while exponent > 0:
+        if (exponent & 1) == 1:
+            result = result * base
         base = base * base
         exponent = exponent >> 1
     return 1.0 - result
+
+
+@triton.jit
+def _store(ptr, offsets, value, mask):
+    """Stores fp32 ``value`` in ``ptr``'s dtype, rounding to nearest even. bf16 is rounded by hand because Triton's
+    interpreter truncates fp32 -> bf16 casts; the rounded value is exact in bf16, so GPU and interpreter agree."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -37,7 +49,7 @@ def _load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.const
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
-        tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        _store(grad_ptr, offsets, grad, mask)
     return grad
 
 
@@ -46,7 +58,7 @@ def _live_mask(n_elements, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     if HAS_FOUND_INF:
-        mask = mask & (tl.load(found_inf_ptr) == 0)
+        mask = mask & (tl.load(found_inf_ptr).to(tl.int32) == 0)
     return offsets, mask
 
 
@@ -80,16 +92,16 @@ def _adam_kernel(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    _store(exp_avg_ptr, offsets, exp_avg, mask)
+    _store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
     second_moment = exp_avg_sq
     if AMSGRAD:
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         second_moment = tl.maximum(max_exp_avg_sq, exp_avg_sq)
-        tl.store(max_exp_avg_sq_ptr + offsets, second_moment.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+        _store(max_exp_avg_sq_ptr, offsets, second_moment, mask)
     denom = tl.sqrt(second_moment) / bias_correction2_sqrt.to(tl.float32) + eps
     param = param - step_size * (exp_avg / denom)
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    _store(param_ptr, offsets, param, mask)
 
 
 @triton.jit
@@ -115,13 +127,13 @@ def _sgd_kernel(
         else:
             buffer = tl.load(momentum_buffer_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             buffer = buffer * momentum + one_minus_dampening * grad
-        tl.store(momentum_buffer_ptr + offsets, buffer.to(momentum_buffer_ptr.dtype.element_ty), mask=mask)
+        _store(momentum_buffer_ptr, offsets, buffer, mask)
         if NESTEROV:
             grad = grad + momentum * buffer
         else:
             grad = buffer
     param = param - lr * grad
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    _store(param_ptr, offsets, param, mask)
 
 
 @triton.jit
@@ -135,8 +147,9 @@ def _swats_kernel(
     dlkernels.ops.optim). Adam (paper's form) while the group's phase is 0, accumulating p.g and p.p of the Adam step p; SGD with
     momentum at the estimated rate once the phase is 1. The phase is data, so both paths are masked, not branched."""
     offsets, mask = _live_mask(n_elements, found_inf_ptr, HAS_FOUND_INF, BLOCK)
-    in_sgd_phase = tl.load(switch_state_ptr + 0) != 0  # SWATS_PHASE
-    adam_mask = mask & (~in_sgd_phase)
+    # Flags compared as ints: the interpreter mis-broadcasts a float scalar comparison against a block.
+    in_sgd_phase = tl.load(switch_state_ptr + 0).to(tl.int32) != 0  # SWATS_PHASE
+    adam_mask = mask & (tl.load(switch_state_ptr + 0).to(tl.int32) == 0)
     sgd_mask = mask & in_sgd_phase
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr).to(tl.float64)
@@ -154,8 +167,8 @@ def _swats_kernel(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=adam_mask, other=0.0).to(tl.float32)
     exp_avg = exp_avg * beta1 + one_minus_beta1 * grad
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=adam_mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=adam_mask)
+    _store(exp_avg_ptr, offsets, exp_avg, adam_mask)
+    _store(exp_avg_sq_ptr, offsets, exp_avg_sq, adam_mask)
     adam_update = -adam_step_size.to(tl.float32) * exp_avg / (tl.sqrt(exp_avg_sq) + eps)
     adam_update = tl.where(adam_mask, adam_update, 0.0)
     tl.atomic_add(switch_state_ptr + 4, tl.sum(adam_update * grad, axis=0).to(tl.float64))  # SWATS_SUM_PG
@@ -163,30 +176,30 @@ def _swats_kernel(
 
     buffer = tl.load(momentum_buffer_ptr + offsets, mask=sgd_mask, other=0.0).to(tl.float32)
     buffer = buffer * beta1 + grad
-    tl.store(momentum_buffer_ptr + offsets, buffer.to(momentum_buffer_ptr.dtype.element_ty), mask=sgd_mask)
+    _store(momentum_buffer_ptr, offsets, buffer, sgd_mask)
 
     param = tl.where(in_sgd_phase, param - sgd_step_size * buffer, param + adam_update)
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    _store(param_ptr, offsets, param, mask)
 
 
 @triton.jit
 def _swats_switch_kernel(switch_state_ptr, found_inf_ptr, beta2, one_minus_beta2, eps):
     """After a group's updates: the projection gamma = p.p / -p.g, its bias-corrected EMA lambda, and the switch to
     SGD at rate lambda once |lambda - gamma| < eps (from the second step on). Resets the accumulators."""
-    skipped = tl.load(found_inf_ptr) != 0
-    in_sgd_phase = tl.load(switch_state_ptr + 0) != 0
+    found_inf = tl.load(found_inf_ptr)
+    phase = tl.load(switch_state_ptr + 0)
     ema = tl.load(switch_state_ptr + 1)
     sgd_lr = tl.load(switch_state_ptr + 2)
     group_step = tl.load(switch_state_ptr + 3)
     sum_pg = tl.load(switch_state_ptr + 4)
     sum_pp = tl.load(switch_state_ptr + 5)
-    group_step = tl.where(skipped, group_step, group_step + 1.0)
-    estimating = (~skipped) & (~in_sgd_phase) & (sum_pg != 0.0)
+    group_step = tl.where(found_inf != 0, group_step, group_step + 1.0)
+    estimating = (found_inf == 0) & (phase == 0.0) & (sum_pg != 0.0)
     gamma = sum_pp / tl.where(sum_pg != 0.0, -sum_pg, 1.0)
     new_ema = tl.where(estimating, tl.cast(beta2, tl.float64) * ema + tl.cast(one_minus_beta2, tl.float64) * gamma, ema)
     corrected = new_ema / _one_minus_pow(one_minus_beta2, group_step.to(tl.int64))
     switch = estimating & (group_step > 1.0) & (tl.abs(corrected - gamma) < eps)
-    tl.store(switch_state_ptr + 0, tl.where(switch | in_sgd_phase, 1.0, 0.0).to(tl.float64))
+    tl.store(switch_state_ptr + 0, tl.where(switch | (phase != 0.0), 1.0, 0.0).to(tl.float64))
     tl.store(switch_state_ptr + 1, new_ema)
     tl.store(switch_state_ptr + 2, tl.where(switch, corrected, sgd_lr))
     tl.store(switch_state_ptr + 3, group_step)

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
 
 from .. import _backend
 
@@ -142,7 +144,7 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     if _skipped(found_inf):
         return
     _unscale(grads, grad_scale)
-    torch.optim.adam.adam(
+    torch_adam(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         foreach=False, capturable=False, differentiable=False, fused=False,
         has_complex=any(torch.is_complex(p) for p in params), decoupled_weight_decay=decoupled_weight_decay,
@@ -203,7 +205,7 @@ def sgd_reference(params, grads, momentum_buffers, first_step, lr, lr_tensor, mo
         return
     _unscale(grads, grad_scale)
     buffers = [None] * len(params) if first_step or not momentum_buffers else list(momentum_buffers)
-    torch.optim.sgd.sgd(
+    torch_sgd(
         params, grads, buffers, has_sparse_grad=False, foreach=False, fused=False,
         weight_decay=weight_decay, momentum=momentum, lr=float(lr_tensor) if lr_tensor is not None else lr,
         dampening=dampening, nesterov=nesterov, maximize=maximize,
