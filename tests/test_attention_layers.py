@@ -19,6 +19,7 @@ from dlkernels.testing import assert_close, make_input
 
 E, HEADS = 32, 2  # head dim 16: the smallest the kernel's tl.dot takes
 BACKENDS = ["triton", "reference"]
+ENCODER = dict(d_model=E, nhead=HEADS, dim_feedforward=48, dropout=0.0)
 
 
 def randomize(module: nn.Module, seed: int) -> None:
@@ -39,24 +40,27 @@ def blocked_by_window(nq, nk, left, right, causal=False):
     return blocked
 
 
-def trio(torch_cls, ours_cls, kwargs, *, window=None, seed=0):
-    """(ours float32, torch float32, torch float64), all holding the same randomized parameters."""
-    eager = torch_cls(**kwargs)
+def trio(torch_cls, ours_cls, kwargs, *, window=None, seed=0, dtype=torch.float32, device="cpu"):
+    """(ours, torch, torch in float64), the first two in ``dtype``, all holding the same randomized parameters."""
+    eager = torch_cls(**kwargs).to(device)
     randomize(eager, seed)
-    ours = ours_cls(**kwargs, window=window)
+    ours = ours_cls(**kwargs, window=window).to(device)
     ours.load_state_dict(eager.state_dict())
-    return ours, eager, copy.deepcopy(eager).double()
+    reference = copy.deepcopy(eager).double()
+    return ours.to(dtype), eager.to(dtype), reference
 
 
 def run_and_compare(modules, inputs, call, backend, *, grads=True, name=""):
-    """Runs ``call(module, *inputs)`` for (ours, eager, reference); checks outputs and, with ``grads``, every input
-    and parameter gradient. ``call`` returns a tensor or a tuple whose None entries are skipped."""
+    """Runs ``call(module, *inputs)`` for (ours, eager, reference) of ``trio``, each in its module's dtype and on
+    its device; checks outputs and, with ``grads``, every input and parameter gradient. ``call`` returns a tensor
+    or a tuple whose None entries are skipped."""
     ours, eager, ref = modules
     results, grad_of = [], []
-    for module, dtype in zip(modules, (torch.float32, torch.float32, torch.float64)):
+    for module in modules:
+        param = next(module.parameters())
         converted = {}  # keeps identity: a self-attention call passes one tensor three times
         for x in inputs:
-            converted.setdefault(id(x), x.detach().to(dtype).requires_grad_(grads))
+            converted.setdefault(id(x), x.detach().to(param.device, param.dtype).requires_grad_(grads))
         xs = [converted[id(x)] for x in inputs]
         if module is ours:
             with dlkernels.backend(backend):
@@ -66,7 +70,9 @@ def run_and_compare(modules, inputs, call, backend, *, grads=True, name=""):
         out = out if isinstance(out, tuple) else (out,)
         results.append(out)
         if grads:
-            torch.autograd.backward(out[0], make_input(out[0].shape, dtype, seed=77))
+            grad_out = make_input(out[0].shape, param.dtype, param.device, seed=77)
+            with dlkernels.backend(backend if module is ours else "auto"):
+                torch.autograd.backward(out[0], grad_out)
             grad_of.append([x.grad for x in xs] + [p.grad for p in module.parameters()])
     for k, (a, b, c) in enumerate(zip(*results)):
         if a is None:
@@ -207,19 +213,73 @@ def test_mha_unbatched_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float_padding_mask(backend):
+@pytest.mark.parametrize("window", [None, (2, 3)], ids=str)
+def test_float_padding_mask(backend, window):
     """Float 0/-inf masks (what nn.TransformerEncoder passes down) run the kernel; other additive values the
     reference path; both match torch."""
     modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, dict(embed_dim=E, num_heads=HEADS,
-                                                                                    batch_first=True))
+                                                                                    batch_first=True), window=window)
     x = make_input((2, 12, E), seed=4)
     additive = torch.zeros(2, 12)
     additive[0, 9:] = float("-inf")
-    run_and_compare(modules, [x, x, x], lambda m, q, k, v: m(q, k, v, key_padding_mask=additive, need_weights=False),
-                    backend, name="0/-inf float mask")
+    window_mask = None if window is None else torch.zeros(12, 12).masked_fill(blocked_by_window(12, 12, *window),
+                                                                                float("-inf"))
+
+    def call(m, q, k, v):
+        if m is modules[0]:
+            return m(q, k, v, key_padding_mask=additive.to(q.dtype), need_weights=False)
+        mask = None if window_mask is None else window_mask.to(q.dtype)
+        return m(q, k, v, key_padding_mask=additive.to(q.dtype), attn_mask=mask, need_weights=False)
+
+    run_and_compare(modules, [x, x, x], call, backend, name="0/-inf float mask")
     additive[1, :4] = -0.75
-    run_and_compare(modules, [x, x, x], lambda m, q, k, v: m(q, k, v, key_padding_mask=additive, need_weights=False),
-                    backend, name="additive float mask")
+    run_and_compare(modules, [x, x, x], call, backend, name="additive float mask")
+
+
+@pytest.mark.parametrize("window", [None, (3, 1)], ids=str)
+def test_half_precision_on_the_kernel(window):
+    """float16 (the kernel's GPU dtype; bf16 arithmetic does not run in the interpreter) against torch in float16."""
+    kwargs = dict(embed_dim=E, num_heads=HEADS, batch_first=True)
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention, kwargs, window=window, dtype=torch.float16)
+    x = make_input((2, 13, E), seed=22)
+    padding = torch.zeros(2, 13, dtype=torch.bool)
+    padding[0, 10:] = True
+    blocked = None if window is None else blocked_by_window(13, 13, *window)
+
+    def call(m, q, k, v):
+        mask = None if m is modules[0] else blocked
+        return m(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)
+
+    run_and_compare(modules, [x, x, x], call, "triton", name="float16 mha")
+    layers_ = trio(nn.TransformerEncoderLayer, dlkernels.nn.TransformerEncoderLayer, dict(ENCODER, batch_first=True),
+                   window=window, dtype=torch.float16)
+    run_and_compare(layers_, [x], lambda m, src: m(src, src_mask=None if m is layers_[0] else blocked,
+                                                   src_key_padding_mask=padding), "triton", name="float16 encoder")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_layers_on_the_kernel(dtype, device):
+    """Real shapes on the GPU kernel: head dim 64, windows, padding, both layers, against torch in the same dtype."""
+    window = (32, 16)
+    n = 200
+    blocked = blocked_by_window(n, n, *window).to(device)
+    padding = torch.zeros(3, n, dtype=torch.bool, device=device)
+    padding[1, 150:] = True
+    x = make_input((3, n, 256), seed=23)
+    modules = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention,
+                   dict(embed_dim=256, num_heads=4, batch_first=True), window=window, dtype=dtype, device=device)
+
+    def call(m, q, k, v):
+        mask = None if m is modules[0] else blocked
+        return m(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)
+
+    run_and_compare(modules, [x, x, x], call, "auto", name=f"gpu {dtype} mha")
+    layers_ = trio(nn.TransformerEncoderLayer, dlkernels.nn.TransformerEncoderLayer,
+                   dict(d_model=256, nhead=4, dim_feedforward=512, dropout=0.0, batch_first=True, norm_first=True),
+                   window=window, dtype=dtype, device=device)
+    run_and_compare(layers_, [x], lambda m, src: m(src, src_mask=None if m is layers_[0] else blocked,
+                                                   src_key_padding_mask=padding), "auto", name=f"gpu {dtype} encoder")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -420,7 +480,6 @@ def test_fallback_warnings(monkeypatch):
 
 # --------------------------------------------------------------------------------------------- encoder layer
 
-ENCODER = dict(d_model=E, nhead=HEADS, dim_feedforward=48, dropout=0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
