@@ -219,3 +219,10 @@ def correctness_table(results: list) -> str:
             f" {'yes' if c.ok else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def main_for(module) -> int:
+    """``python bench/bench_<op>.py``: the main job for that op alone."""
+    from dlkernels.__main__ import main
+
+    return main(["bench", "--ops", module.OP])
