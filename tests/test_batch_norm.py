@@ -28,22 +28,22 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 def check_against_torch(
     shape, dtype, *, channels_last=False, training=True, relu=False, affine=True, track=True, momentum=0.1,
-    mean=0.0, std=1.0, steps=2, param_dtype=torch.float32,
+    mean=0.0, std=1.0, steps=2, param_dtype=torch.float32, device="cpu",
 ):
     """Runs ours (Triton backend), torch in ``dtype`` and torch in float64 for ``steps`` steps and checks every
     output, input/weight/bias gradient and running statistic against the float64 one."""
     c = shape[1]
     kwargs = dict(affine=affine, track_running_stats=track, momentum=momentum)
-    ours = OURS_BN[len(shape)](c, activation="relu" if relu else None, **kwargs).to(param_dtype)
-    eager = TORCH_BN[len(shape)](c, **kwargs).to(param_dtype)
-    ref = TORCH_BN[len(shape)](c, **kwargs).double()
+    ours = OURS_BN[len(shape)](c, activation="relu" if relu else None, **kwargs).to(device, param_dtype)
+    eager = TORCH_BN[len(shape)](c, **kwargs).to(device, param_dtype)
+    ref = TORCH_BN[len(shape)](c, **kwargs).to(device, torch.float64)
     for m in (ours, eager, ref):
         _randomize(m, seed=1)
         m.train(training)
     fmt = CHANNELS_LAST[len(shape)] if channels_last else torch.contiguous_format
     for step in range(steps):
-        x = make_input(shape, dtype, seed=step, mean=mean, std=std, memory_format=fmt)
-        grad = make_input(shape, dtype, seed=1000 + step, memory_format=fmt)
+        x = make_input(shape, dtype, device, seed=step, mean=mean, std=std, memory_format=fmt)
+        grad = make_input(shape, dtype, device, seed=1000 + step, memory_format=fmt)
         inputs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
         with dlkernels.backend("triton"):
             y_ours = ours(inputs[0])
@@ -205,6 +205,29 @@ def test_module_is_drop_in():
     assert "activation='relu'" in repr(ours)
     with pytest.raises(ValueError, match="activation"):
         dlkernels.nn.BatchNorm1d(3, activation="gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,channels_last", [((32, 64, 28, 28), False), ((32, 64, 28, 28), True),
+                                                 ((64, 6, 28, 28), False), ((256, 2048, 7, 7), True),
+                                                 ((4, 96, 5, 7, 3), True), ((512, 300), False)], ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+def test_gpu_matches_torch(shape, channels_last, dtype, relu):
+    check_against_torch(shape, dtype, channels_last=channels_last, relu=relu, device="cuda")
+    check_against_torch(shape, dtype, channels_last=channels_last, relu=relu, device="cuda", training=False, steps=1)
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_to_the_31_elements():
+    """64-bit offsets: the last elements of a tensor past 2^31 elements are normalized like the first."""
+    x = torch.randn(2, 4, 2**28 + 7, device="cuda", dtype=torch.bfloat16)
+    with dlkernels.backend("triton"):
+        y = dlkernels.ops.batch_norm(x, None, None, training=True)
+    tail = x[:, :, -4096:].float()
+    mean = x.float().mean(dim=(0, 2), keepdim=True)
+    var = x.float().var(dim=(0, 2), keepdim=True, correction=0)
+    torch.testing.assert_close(y[:, :, -4096:].float(), (tail - mean) * torch.rsqrt(var + 1e-5), atol=2e-2, rtol=1e-2)
 
 
 class TestBadInput:
