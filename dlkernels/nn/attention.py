@@ -14,7 +14,12 @@ Which path a call takes:
   documentation advises), an arbitrary ``attn_mask``, a float ``key_padding_mask`` with other values,
   ``add_bias_kv``, ``add_zero_attn``, nested tensors. A ``window`` (and ``is_causal`` without ``attn_mask``) is
   turned into an explicit mask there, so both paths compute the same function. Configurations that asked for output
-  only (``need_weights=False``) yet cannot use the kernel warn once per reason where a kernel would have run.
+  only (``need_weights=False``) yet cannot use the kernel warn once per reason where a kernel would have run (not
+  while ``torch.compile`` traces: a warning cannot be traced).
+
+Inside a stock ``nn.TransformerEncoder`` of our layers, the float ``0/-inf`` padding mask the encoder makes runs
+the kernel in eager mode; under ``torch.compile`` it takes the reference path, so for compiled padded encoders call
+the layers in a loop with a bool ``src_key_padding_mask``.
 
 Differences from torch, all deliberate:
 
@@ -137,7 +142,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[Tensor, Tensor | None]:
         padding = None
         why_not_kernel = None  # a reason worth a warning: the caller asked for the output only
-        if need_weights or query.is_nested or self._shape_problem(query, key, value, key_padding_mask):
+        if need_weights or query.is_nested or self._torch_must_handle(query, key, value, key_padding_mask):
             kernel = False  # weights requested, or input torch's own code must handle (or reject)
         elif self.bias_k is not None or self.add_zero_attn:
             kernel, why_not_kernel = False, "add_bias_kv and add_zero_attn are not supported by the kernel"
@@ -157,8 +162,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
 
-    def _shape_problem(self, query, key, value, key_padding_mask) -> bool:
-        """True for inputs the kernel path does not handle; torch's forward then raises its own error for them."""
+    def _torch_must_handle(self, query, key, value, key_padding_mask) -> bool:
+        """True for input the kernel path does not take (wrong shapes, integer masks): torch's forward then raises
+        its own error for it, or handles it as torch does."""
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             return True
         if (query.shape[-1], key.shape[-1], value.shape[-1]) != (self.embed_dim, self.kdim, self.vdim):
