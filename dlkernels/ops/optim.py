@@ -284,21 +284,22 @@ def swats_reference(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, step
     sum_pg = torch.zeros((), dtype=torch.float64, device=switch_state.device)
     sum_pp = torch.zeros_like(sum_pg)
     for i, param in enumerate(params):
+        compute = torch.float64 if param.dtype == torch.float64 else torch.float32  # the kernels' fp32 otherwise
         steps[i] += 1
         step = steps[i].double()
-        grad = grads[i].float() + weight_decay * param.float()
-        exp_avg = exp_avgs[i].float() * beta1 + (1 - beta1) * grad
-        exp_avg_sq = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * grad * grad
-        step_size = (lr * (1 - beta2**step).sqrt() / (1 - beta1**step)).float()
+        grad = grads[i].to(compute) + weight_decay * param.to(compute)
+        exp_avg = exp_avgs[i].to(compute) * beta1 + (1 - beta1) * grad
+        exp_avg_sq = exp_avg_sqs[i].to(compute) * beta2 + (1 - beta2) * grad * grad
+        step_size = (lr * (1 - beta2**step).sqrt() / (1 - beta1**step)).to(compute)
         adam_update = -step_size * exp_avg / (exp_avg_sq.sqrt() + eps)
         sum_pg += (adam_update * grad).sum(dtype=torch.float64)
         sum_pp += (adam_update * adam_update).sum(dtype=torch.float64)
-        buffer = momentum_buffers[i].float() * beta1 + grad
-        sgd_update = -((1 - beta1) * switch_state[SWATS_SGD_LR]).float() * buffer
-        exp_avgs[i].copy_(torch.where(in_sgd_phase, exp_avgs[i].float(), exp_avg))
-        exp_avg_sqs[i].copy_(torch.where(in_sgd_phase, exp_avg_sqs[i].float(), exp_avg_sq))
-        momentum_buffers[i].copy_(torch.where(in_sgd_phase, buffer, momentum_buffers[i].float()))
-        param.copy_(param.float() + torch.where(in_sgd_phase, sgd_update, adam_update))
+        buffer = momentum_buffers[i].to(compute) * beta1 + grad
+        sgd_update = -((1 - beta1) * switch_state[SWATS_SGD_LR]).to(compute) * buffer
+        exp_avgs[i].copy_(torch.where(in_sgd_phase, exp_avgs[i].to(compute), exp_avg))
+        exp_avg_sqs[i].copy_(torch.where(in_sgd_phase, exp_avg_sqs[i].to(compute), exp_avg_sq))
+        momentum_buffers[i].copy_(torch.where(in_sgd_phase, buffer, momentum_buffers[i].to(compute)))
+        param.copy_(param.to(compute) + torch.where(in_sgd_phase, sgd_update, adam_update))
     group_step = switch_state[SWATS_STEP] + 1
     estimating = (~in_sgd_phase) & (sum_pg != 0)
     gamma = sum_pp / torch.where(sum_pg != 0, -sum_pg, 1.0)
