@@ -13,6 +13,7 @@ step count and two accumulators for the projection.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -51,14 +52,18 @@ def _check_scalar_tensor(op: str, name: str, t: Optional[Tensor], device: torch.
                          f"{t.device}")
 
 
+KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
 def _unsupported(tensor_lists: list[list[Tensor]]) -> Optional[str]:
-    """Why the kernels (fp32 math on flat contiguous storage) cannot serve these tensors, or None."""
-    for tensors in tensor_lists:
-        for t in tensors:
-            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                return f"{t.dtype} tensors (the kernels cover float32, float16 and bfloat16)"
-            if not t.is_contiguous():
-                return "non-contiguous parameters, gradients or state"
+    """Why the kernels (fp32 math on flat contiguous storage) cannot serve these tensors, or None. Runs every step,
+    so it loops in C where it can (a step over hundreds of tensors must stay cheap on the host)."""
+    all_tensors = list(itertools.chain.from_iterable(tensor_lists))
+    dtypes = {t.dtype for t in all_tensors}
+    if not dtypes <= KERNEL_DTYPES:
+        return f"{sorted(map(str, dtypes - KERNEL_DTYPES))} tensors (the kernels cover float32, float16 and bfloat16)"
+    if not all(map(Tensor.is_contiguous, all_tensors)):
+        return "non-contiguous parameters, gradients or state"
     return None
 
 
@@ -113,13 +118,14 @@ def adam_step(
     """
     if not params:
         return
-    state = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
-    if amsgrad:
-        state["max_exp_avg_sqs"] = max_exp_avg_sqs
-    _check_lists("adam_step", params, **state)
+    impl = _choose("adam", [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
+    if impl != "cuda":  # the CUDA binding checks the same in C++
+        state = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
+        if amsgrad:
+            state["max_exp_avg_sqs"] = max_exp_avg_sqs
+        _check_lists("adam_step", params, **state)
     for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _check_scalar_tensor("adam_step", name, t, params[0].device)
-    impl = _choose("adam", [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
     args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
             weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
     if impl == "cuda":
@@ -173,13 +179,14 @@ def sgd_step(
     uninitialized and start at the gradient (torch's rule: no dampening on the first step)."""
     if not params:
         return
-    state = {"grads": grads}
-    if momentum_buffers:
-        state["momentum_buffers"] = momentum_buffers
-    _check_lists("sgd_step", params, **state)
+    impl = _choose("sgd", [params, grads, momentum_buffers])
+    if impl != "cuda":  # the CUDA binding checks the same in C++
+        state = {"grads": grads}
+        if momentum_buffers:
+            state["momentum_buffers"] = momentum_buffers
+        _check_lists("sgd_step", params, **state)
     for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _check_scalar_tensor("sgd_step", name, t, params[0].device)
-    impl = _choose("sgd", [params, grads, momentum_buffers])
     args = (params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
             maximize, grad_scale, found_inf)
     if impl == "cuda":
@@ -245,8 +252,10 @@ def swats_step(
     """
     if not params:
         return
-    _check_lists("swats_step", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                 momentum_buffers=momentum_buffers, steps=steps)
+    impl = _choose("swats", [params, grads, exp_avgs, exp_avg_sqs, momentum_buffers])
+    if impl != "cuda":  # the CUDA binding checks the same in C++
+        _check_lists("swats_step", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                     momentum_buffers=momentum_buffers, steps=steps)
     if switch_state.shape != (SWATS_STATE_SIZE,) or switch_state.dtype != torch.float64:
         raise ValueError(f"dlkernels.swats_step: switch_state must be a float64 tensor of shape ({SWATS_STATE_SIZE},),"
                          f" got {switch_state.dtype} {tuple(switch_state.shape)}")
@@ -254,7 +263,6 @@ def swats_step(
                     ("found_inf", found_inf)):
         if t is not None and t.device != params[0].device:
             raise ValueError(f"dlkernels.swats_step: {name} is on {t.device}, params on {params[0].device}")
-    impl = _choose("swats", [params, grads, exp_avgs, exp_avg_sqs, momentum_buffers])
     args = (params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, switch_state, lr, lr_tensor, beta1, beta2,
             eps, weight_decay, grad_scale, found_inf)
     if impl == "cuda":
