@@ -154,6 +154,28 @@ def test_window_argument_is_checked():
     layer = dlkernels.nn.TransformerEncoderLayer(E, HEADS)
     with pytest.raises(ValueError, match="window left"):
         layer.window = (-2, None)
+    with pytest.raises(TypeError, match="window"):
+        layer.self_attn.window = 4
+    layer.window = [3, None]
+    assert layer.self_attn.window == (3, None)
+
+
+def test_nested_input_follows_torch():
+    """Nested tensors take torch's own (eval fast) path; with a window they are refused rather than unwindowed."""
+    theirs = nn.MultiheadAttention(E, HEADS, batch_first=True).eval()
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype-API warning for nested tensors
+        x = torch.nested.nested_tensor([make_input((5, E), seed=1), make_input((3, E), seed=2)])
+    with torch.no_grad():
+        expected = theirs(x, x, x, need_weights=False)[0]
+        got = ours(x, x, x, need_weights=False)[0]
+        for a, b in zip(got.unbind(), expected.unbind()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ours.window = (1, 1)
+        with pytest.raises(NotImplementedError, match="nested"):
+            ours(x, x, x, need_weights=False)
 
 
 def test_bad_input_raises_what_torch_raises():

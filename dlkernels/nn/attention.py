@@ -124,7 +124,16 @@ class MultiheadAttention(nn.MultiheadAttention):
             device=device,
             dtype=dtype,
         )
-        self.window = _check_window(window)
+        self.window = window
+
+    @property
+    def window(self):
+        """``(left, right)`` reach of each query (None: unbounded side), or None for full attention."""
+        return self._window
+
+    @window.setter
+    def window(self, window) -> None:
+        self._window = _check_window(window)
 
     def extra_repr(self) -> str:
         return f"window={self.window}" if self.window is not None else ""
@@ -317,7 +326,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     @window.setter
     def window(self, window) -> None:
-        self.self_attn.window = _check_window(window)
+        self.self_attn.window = window
 
     def forward(
         self,
