@@ -5,7 +5,10 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -109,9 +112,17 @@ void check(int code, const char* op) {
 
 Stream as_stream(int64_t stream) { return reinterpret_cast<Stream>(static_cast<intptr_t>(stream)); }
 
-unsigned int* scratch_counter(at::Device device, TensorList& keep_alive) {
-  keep_alive.push_back(at::empty({1}, at::TensorOptions().device(device).dtype(at::kInt)));
-  return reinterpret_cast<unsigned int*>(keep_alive.back().data_ptr<int>());
+// The kernels' last-block counter for (device, stream): zero between launches (each launch's last block resets it),
+// so steps need no memset; one per stream, as launches on one stream never overlap. Kept for the process's life.
+unsigned int* stream_counter(at::Device device, int64_t stream) {
+  static std::mutex mutex;
+  static auto* counters = new std::map<std::pair<int, int64_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto& counter = (*counters)[{device.index(), stream}];
+  if (!counter.defined()) {
+    counter = at::zeros({1}, at::TensorOptions().device(device).dtype(at::kInt));
+  }
+  return reinterpret_cast<unsigned int*>(counter.data_ptr<int>());
 }
 
 void adam_step_py(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
@@ -133,7 +144,7 @@ void adam_step_py(const TensorList& params, const TensorList& grads, const Tenso
                               device_scalar(found_inf, device, keep_alive, "found_inf")};
   const AdamOptions options{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay};
   for (const auto& bucket : buckets) {
-    check(optim::adam_step(bucket.view(true), scalars, options, scratch_counter(device, keep_alive),
+    check(optim::adam_step(bucket.view(true), scalars, options, stream_counter(device, stream),
                            as_stream(stream)),
           "adam_step");
   }
@@ -180,7 +191,7 @@ void swats_step_py(const TensorList& params, const TensorList& grads, const Tens
   for (size_t i = 0; i < buckets.size(); ++i) {
     const SwatsOptions options{lr,           beta1, beta2, eps, weight_decay, switch_state.data_ptr<double>(),
                                i + 1 == buckets.size()};
-    check(optim::swats_step(buckets[i].view(true), scalars, options, scratch_counter(device, keep_alive),
+    check(optim::swats_step(buckets[i].view(true), scalars, options, stream_counter(device, stream),
                             as_stream(stream)),
           "swats_step");
   }

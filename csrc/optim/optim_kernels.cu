@@ -286,8 +286,6 @@ int adam_step(const TensorLists& tensors, const DeviceScalars& scalars, const Ad
   const int lists = o.amsgrad ? 5 : 4;
   if (tensors.num_lists != lists || tensors.steps == nullptr) return cudaErrorInvalidValue;
   const LaunchScalars s{scalars, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay};
-  cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream);
-  if (err != cudaSuccess) return err;
   return dispatch_dtype(tensors.dtype, [&](auto zero) {
     using T = decltype(zero);
     if (o.amsgrad) {
@@ -326,8 +324,6 @@ int swats_step(const TensorLists& tensors, const DeviceScalars& scalars, const S
                Stream stream) {
   if (tensors.num_lists != 5 || tensors.steps == nullptr || o.switch_state == nullptr) return cudaErrorInvalidValue;
   const LaunchScalars s{scalars, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay};
-  cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream);
-  if (err != cudaSuccess) return err;
   return dispatch_dtype(tensors.dtype, [&](auto zero) {
     using T = decltype(zero);
     return for_each_bucket<5>(tensors, [&](const TensorListMeta<5>& meta, unsigned grid, bool last_bucket) {

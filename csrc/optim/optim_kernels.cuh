@@ -58,7 +58,8 @@ struct SwatsOptions {
   bool finalize;
 };
 
-// `counter`: one device unsigned int of scratch per call (the kernels find their last block with it).
+// `counter`: a device unsigned int, 0 before the call and left 0 after it (the kernels find their last block with
+// it); calls that may run concurrently need distinct counters.
 int adam_step(const TensorLists& tensors, const DeviceScalars& scalars, const AdamOptions& options,
               unsigned int* counter, Stream stream);
 int sgd_step(const TensorLists& tensors, const DeviceScalars& scalars, const SgdOptions& options, Stream stream);
