@@ -142,9 +142,11 @@ def _random_windows(count, seed=1234):
     return [((sides(), sides()), rng.random() < 0.3) for _ in range(count)]
 
 
-# Sides of 1, 31, 33 put a row's last (first) key exactly one past a 32-block edge: catches off-by-one loop bounds.
+# With the interpreter's 32 x 32 blocks, sides of 1, 30, 31, 33, 62, 63 put a row's first or last key one off a
+# block edge: they catch off-by-one block-skipping bounds and masked/unmasked phase bounds.
 EDGE_WINDOWS = [((0, 0), False), ((1, 1), False), ((0, 1), False), ((1, 0), False), ((33, 31), False),
-                ((31, 33), False), ((500, 500), False), ((8, None), True), ((None, 1), True)]
+                ((31, 33), False), ((30, 31), False), ((31, 30), False), ((62, 63), False), ((63, 62), False),
+                ((500, 500), False), ((8, None), True), ((None, 1), True)]
 
 
 @pytest.mark.parametrize("window,causal", _random_windows(10, seed=2) + EDGE_WINDOWS)

@@ -18,8 +18,7 @@ import triton.language as tl
 
 from .launch import next_pow2
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side only: jit code spells constants out (globals must be constexpr there)
 
 
 def block_config(head_dim_block: int, device: torch.device, kind: str) -> dict:
@@ -68,6 +67,50 @@ def _dropout_keep(seed, bh, rows, cols, Nq, Nk, dropout_p):
 
 
 @triton.jit
+def _phase_bounds(lo, hi, full_lo, full_hi):
+    """Splits the block loop [lo, hi) into masked [lo, a), unmasked [a, b), masked [b, hi) (a, b clamped)."""
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(tl.minimum(full_hi, hi), a)
+    return a, b
+
+
+@triton.jit
+def _fwd_block(
+    acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n,
+    bh, Nq, Nk, LEFT, RIGHT, scale_log2, dropout_p, seed,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax. MASKED: apply the range and window masks (boundary blocks only)."""
+    cols = start_n + offs_n
+    col_ok = cols < Nk
+    kt = tl.load(
+        k_base + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        mask=col_ok[None, :] & d_ok[:, None], other=0.0,
+    )
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where(_allowed(rows, cols, Nq, Nk, LEFT, RIGHT, kpm_row, stride_kpm_n, HAS_KPM), s, float("-inf"))
+    elif HAS_KPM:
+        pad = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n)
+        s = tl.where(pad[None, :] == 0, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing allowed so far keeps m = -inf; exponentiate against 0 there to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_dropout_keep(seed, bh, rows, cols, Nq, Nk, dropout_p), p, 0.0)
+    v = tl.load(
+        v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, KPM,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -100,32 +143,31 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Only key blocks that meet the window of some row in this block: cost ~ N * (left + right).
+    # Only key blocks that meet the window of some row in this block: cost ~ N * (left + right). Blocks wholly
+    # inside every row's window and the key range, [full_lo, full_hi), skip the mask arithmetic.
     lo = tl.maximum(m_start - LEFT, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(m_start + BLOCK_M + RIGHT, Nk)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < Nk
-        kt = tl.load(
-            k_base + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=col_ok[None, :] & d_ok[:, None], other=0.0,
+    full_lo = tl.cdiv(tl.maximum(m_start + BLOCK_M - 1 - LEFT, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(m_start + RIGHT + 1, Nk) // BLOCK_N * BLOCK_N
+    full_lo, full_hi = _phase_bounds(lo, hi, full_lo, full_hi)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+            dropout_p, seed, True, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(_allowed(rows, cols, Nq, Nk, LEFT, RIGHT, kpm_row, stride_kpm_n, HAS_KPM), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing allowed so far keeps m = -inf; exponentiate against 0 there to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows, cols, Nq, Nk, dropout_p), p, 0.0)
-        v = tl.load(
-            v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+            dropout_p, seed, False, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+            dropout_p, seed, True, HAS_KPM, DROPOUT, DOT_PRECISION,
+        )
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
@@ -134,7 +176,8 @@ def _fwd_kernel(
     out = acc * inv_l[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < Nq) & d_ok[None, :])
-    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("inf"))
+    # Natural-log lse: (m + log2 l) * ln 2.
+    lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
     tl.store(Lse + bh.to(tl.int64) * Nq + rows, lse, mask=rows < Nq)
 
 
@@ -159,6 +202,61 @@ def _bwd_delta_kernel(
     g = tl.load(dOut + b * stride_gb + h * stride_gh + r64 * stride_gm + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), 1)
     tl.store(Delta + bh.to(tl.int64) * Nq + rows, delta, mask=rows < Nq)
+
+
+@triton.jit
+def _bwd_probs(
+    q, k, v, do, lse, delta, rows, cols, kpm_row, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2, dropout_p, seed,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """(P after dropout, dS) of a (query block, key block) tile, recomputed from the saved lse."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    # lse of a row with no key is +inf, so its p is exactly 0 (and so is its dS).
+    p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+    if MASKED:
+        p = tl.where(_allowed(rows, cols, Nq, Nk, LEFT, RIGHT, kpm_row, stride_kpm_n, HAS_KPM), p, 0.0)
+    elif HAS_KPM:
+        pad = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n)
+        p = tl.where(pad[None, :] == 0, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, rows, cols, Nq, Nk, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_dropped = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])
+    return p_dropped, ds
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, q_base, do_base, Lse, Delta, kpm_row, start_m, offs_m, cols, offs_d, d_ok, dQacc,
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_kpm_n,
+    bh, Nq, Nk, D, LEFT, RIGHT, scale_log2, dropout_p, seed,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    rows = start_m + offs_m
+    r64 = rows.to(tl.int64)[:, None]
+    row_mask = (rows[:, None] < Nq) & d_ok[None, :]
+    # Rows past Nq load q = dO = 0 and lse = +inf: they add nothing, so full blocks need no row mask.
+    q = tl.load(q_base + r64 * stride_qm + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
+    do = tl.load(do_base + r64 * stride_gm + offs_d[None, :] * stride_gd, mask=row_mask, other=0.0)
+    lse = tl.load(Lse + bh * Nq + rows, mask=rows < Nq, other=float("inf"))
+    delta = tl.load(Delta + bh * Nq + rows, mask=rows < Nq, other=0.0)
+    p_dropped, ds = _bwd_probs(
+        q, k, v, do, lse, delta, rows, cols, kpm_row, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+        dropout_p, seed, MASKED, HAS_KPM, DROPOUT, DOT_PRECISION,
+    )
+    dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    ds = ds.to(q.dtype)
+    dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq_part = tl.dot(ds, k, input_precision=DOT_PRECISION)
+        tl.atomic_add(dQacc + (bh * Nq + r64) * D + offs_d[None, :], dq_part, mask=row_mask)
+    return dk, dv
 
 
 @triton.jit
@@ -196,44 +294,60 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query blocks whose window meets these keys: rows in [n_start - RIGHT, n_start + BLOCK_N - 1 + LEFT].
+    # Query blocks whose window meets these keys: rows in [n_start - RIGHT, n_start + BLOCK_N - 1 + LEFT]; those
+    # whose every row sees every key of the block, [full_lo, full_hi), skip the masks (none if the block passes Nk).
     lo = tl.maximum(n_start - RIGHT, 0) // BLOCK_M * BLOCK_M
     hi = tl.minimum(n_start + BLOCK_N + LEFT, Nq)
+    full_lo = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - RIGHT, 0), BLOCK_M) * BLOCK_M
+    full_hi = tl.minimum(n_start + LEFT + 1, Nq) // BLOCK_M * BLOCK_M
+    full_hi = tl.where(n_start + BLOCK_N <= Nk, full_hi, 0)
+    full_lo, full_hi = _phase_bounds(lo, hi, full_lo, full_hi)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * (HKV * GROUP) + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = dOut + b * stride_gb + h * stride_gh
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            r64 = rows.to(tl.int64)[:, None]
-            row_mask = (rows[:, None] < Nq) & d_ok[None, :]
-            q = tl.load(q_base + r64 * stride_qm + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-            do = tl.load(do_base + r64 * stride_gm + offs_d[None, :] * stride_gd, mask=row_mask, other=0.0)
-            lse = tl.load(Lse + bh * Nq + rows, mask=rows < Nq, other=float("inf"))
-            delta = tl.load(Delta + bh * Nq + rows, mask=rows < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            allowed = _allowed(rows, cols, Nq, Nk, LEFT, RIGHT, kpm_row, stride_kpm_n, HAS_KPM)
-            p = tl.where(allowed, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, cols, Nq, Nk, dropout_p)
-                inv_keep = 1.0 / (1.0 - dropout_p)
-                p_dropped = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                p_dropped = p
-            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = (p * (dp - delta[:, None])).to(q.dtype)
-            dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ:
-                dq_part = tl.dot(ds, k, input_precision=DOT_PRECISION)
-                dq_ptrs = dQacc + (bh * Nq + r64) * D + offs_d[None, :]
-                tl.atomic_add(dq_ptrs, dq_part, mask=row_mask)
+        for start_m in range(lo, full_lo, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, Lse, Delta, kpm_row, start_m, offs_m, cols, offs_d, d_ok, dQacc,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_kpm_n, bh, Nq, Nk, D, LEFT, RIGHT, scale_log2,
+                dropout_p, seed, True, HAS_KPM, DROPOUT, ATOMIC_DQ, DOT_PRECISION,
+            )
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, Lse, Delta, kpm_row, start_m, offs_m, cols, offs_d, d_ok, dQacc,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_kpm_n, bh, Nq, Nk, D, LEFT, RIGHT, scale_log2,
+                dropout_p, seed, False, HAS_KPM, DROPOUT, ATOMIC_DQ, DOT_PRECISION,
+            )
+        for start_m in range(full_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, Lse, Delta, kpm_row, start_m, offs_m, cols, offs_d, d_ok, dQacc,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_kpm_n, bh, Nq, Nk, D, LEFT, RIGHT, scale_log2,
+                dropout_p, seed, True, HAS_KPM, DROPOUT, ATOMIC_DQ, DOT_PRECISION,
+            )
 
     out_offs = (bhk.to(tl.int64) * Nk + c64) * D + offs_d[None, :]
     tl.store(dK + out_offs, (dk * scale).to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + out_offs, dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse, delta, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n,
+    bh, Nq, Nk, LEFT, RIGHT, scale_log2, dropout_p, seed,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n
+    c64 = cols.to(tl.int64)[:, None]
+    kv_mask = (cols[:, None] < Nk) & d_ok[None, :]
+    k = tl.load(k_base + c64 * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + c64 * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    _, ds = _bwd_probs(
+        q, k, v, do, lse, delta, rows, cols, kpm_row, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+        dropout_p, seed, MASKED, HAS_KPM, DROPOUT, DOT_PRECISION,
+    )
+    return dq + tl.dot(ds.to(q.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -275,21 +389,27 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo = tl.maximum(m_start - LEFT, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(m_start + BLOCK_M + RIGHT, Nk)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        c64 = cols.to(tl.int64)[:, None]
-        kv_mask = (cols[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(k_base + c64 * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + c64 * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        allowed = _allowed(rows, cols, Nq, Nk, LEFT, RIGHT, kpm_row, stride_kpm_n, HAS_KPM)
-        p = tl.where(allowed, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, Nq, Nk, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
+    full_lo = tl.cdiv(tl.maximum(m_start + BLOCK_M - 1 - LEFT, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(m_start + RIGHT + 1, Nk) // BLOCK_N * BLOCK_N
+    full_lo, full_hi = _phase_bounds(lo, hi, full_lo, full_hi)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+            dropout_p, seed, True, HAS_KPM, DROPOUT, DOT_PRECISION,
+        )
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+            dropout_p, seed, False, HAS_KPM, DROPOUT, DOT_PRECISION,
+        )
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, kpm_row, start_n, rows, offs_n, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
+            dropout_p, seed, True, HAS_KPM, DROPOUT, DOT_PRECISION,
+        )
     tl.store(dQ + (bh.to(tl.int64) * Nq + r64) * D + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty), mask=row_mask)
 
 
@@ -308,9 +428,10 @@ def _dropout_mask_kernel(Keep, Nq, Nk, seed, dropout_p, BLOCK_M: tl.constexpr, B
 # Host launchers
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs (interpreter only; the GPU sends them to the reference path) use full-precision dots.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # fp32 inputs (interpreter only; the GPU sends them to the reference path) use full-precision dots;
+    # None (Triton's default) for fp16/bf16, where the option does not apply.
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _window_bounds(left: int, right: int, nq: int, nk: int) -> tuple[int, int]:
