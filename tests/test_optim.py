@@ -474,7 +474,8 @@ def test_op_checks_mismatched_lists():
                   0.999, 1e-8, 0.0, False, False, False)
 
 
-def test_float64_params_fall_back_to_reference():
+def test_float64_params_fall_back_to_reference(monkeypatch):
+    monkeypatch.setattr(dlkernels._backend, "_warned", set())  # the fallback warning is given once per process
     params = [p.double() for p in _initial_params(torch.float32)]
     reference = [p.clone() for p in params]
     with dlkernels.backend("triton"), pytest.warns(UserWarning, match="float64"):
@@ -482,6 +483,18 @@ def test_float64_params_fall_back_to_reference():
         _train(opt, params, 0, 2)
     ref_opt = torch.optim.Adam(reference, lr=1e-2, foreach=False)
     _train(ref_opt, reference, 0, 2)
+    for a, b in zip(params, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_contiguous_params_fall_back_to_reference(monkeypatch):
+    monkeypatch.setattr(dlkernels._backend, "_warned", set())  # the fallback warning is given once per process
+    params = [make_input((7, 5), seed=1).t(), make_input((6,), seed=2)]
+    reference = [p.clone() for p in params]
+    assert not params[0].is_contiguous()
+    with dlkernels.backend("triton"), pytest.warns(UserWarning, match="non-contiguous"):
+        _train(dlkernels.optim.SGD(params, lr=0.1, momentum=0.9), params, 0, 3)
+    _train(torch.optim.SGD(reference, lr=0.1, momentum=0.9, foreach=False), reference, 0, 3)
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -14,6 +14,7 @@ step count and two accumulators for the projection.
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Optional
 
 import torch
@@ -68,8 +69,11 @@ def _unsupported(tensor_lists: list[list[Tensor]]) -> Optional[str]:
 
 
 def _choose(op: str, tensor_lists: list[list[Tensor]]) -> str:
-    params = tensor_lists[0]
-    return _backend.choose(op, params[0].device, has_cuda=True, unsupported=_unsupported(tensor_lists))
+    params, grads = tensor_lists[0], tensor_lists[1]
+    impl = _backend.choose(op, params[0].device, has_cuda=True, unsupported=_unsupported(tensor_lists))
+    if impl == "cuda" and any(map(operator.ne, (p.dtype for p in params), (g.dtype for g in grads))):
+        return "triton"  # the CUDA kernels take gradients in their parameter's dtype; Triton converts any
+    return impl
 
 
 def _run_cuda(name: str, args: tuple, device: torch.device) -> None:
