@@ -1,5 +1,5 @@
 """Drop-in replacements for ``torch.nn`` modules, built on ``dlkernels.ops``."""
+from .attention import MultiheadAttention, TransformerEncoderLayer
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__: list[str] = []
-from .attention import MultiheadAttention, TransformerEncoderLayer  # noqa: E402
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MultiheadAttention", "TransformerEncoderLayer"]

@@ -1,8 +1,6 @@
 """Autograd-aware custom ops (``torch.library`` namespace ``dlkernels``), each with a reference implementation."""
+from .attention import attention
 from .batch_norm import batch_norm
+from .optim import adam_step, sgd_step, swats_step
 
-__all__: list[str] = []
-
-from .attention import attention  # noqa: E402
-__all__ += ["attention"]
-from .optim import adam_step, sgd_step, swats_step  # noqa: E402,F401
+__all__ = ["attention", "batch_norm", "adam_step", "sgd_step", "swats_step"]

@@ -3,4 +3,4 @@ from .adam import Adam, AdamW
 from .sgd import SGD
 from .swats import SWATS
 
-__all__: list[str] = ["Adam", "AdamW", "SGD", "SWATS"]
+__all__ = ["Adam", "AdamW", "SGD", "SWATS"]
