@@ -183,7 +183,7 @@ def _swats_kernel(
 
 
 @triton.jit
-def _swats_switch_kernel(switch_state_ptr, found_inf_ptr, beta2, one_minus_beta2, eps):
+def _swats_switch_kernel(switch_state_ptr, found_inf_ptr, one_minus_beta2, eps):
     """After a group's updates: the projection gamma = p.p / -p.g, its bias-corrected EMA lambda, and the switch to
     SGD at rate lambda once |lambda - gamma| < eps (from the second step on). Resets the accumulators."""
     found_inf = tl.load(found_inf_ptr)
@@ -196,7 +196,8 @@ def _swats_switch_kernel(switch_state_ptr, found_inf_ptr, beta2, one_minus_beta2
     group_step = tl.where(found_inf != 0, group_step, group_step + 1.0)
     estimating = (found_inf == 0) & (phase == 0.0) & (sum_pg != 0.0)
     gamma = sum_pp / tl.where(sum_pg != 0.0, -sum_pg, 1.0)
-    new_ema = tl.where(estimating, tl.cast(beta2, tl.float64) * ema + tl.cast(one_minus_beta2, tl.float64) * gamma, ema)
+    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float64)
+    new_ema = tl.where(estimating, (1.0 - one_minus_beta2) * ema + one_minus_beta2 * gamma, ema)
     corrected = new_ema / _one_minus_pow(one_minus_beta2, group_step.to(tl.int64))
     switch = estimating & (group_step > 1.0) & (tl.abs(corrected - gamma) < eps)
     tl.store(switch_state_ptr + 0, tl.where(switch | (phase != 0.0), 1.0, 0.0).to(tl.float64))
@@ -273,4 +274,4 @@ def swats_step(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, sw
         )
     if found_inf is None:
         found_inf = torch.zeros((), dtype=torch.float32, device=switch_state.device)
-    _swats_switch_kernel[(1,)](switch_state, found_inf, beta2, 1.0 - beta2, eps)
+    _swats_switch_kernel[(1,)](switch_state, found_inf, 1.0 - beta2, eps)
