@@ -619,3 +619,25 @@ def test_gpu_grad_scaler_inf_skips_step():
             # 2 p - the unscaled gradient of sum(p^2) - drives the first Adam step: -lr * sign(grad) (about).
             expected = before[1] - 1e-2 * torch.sign(before[1])
             torch.testing.assert_close(params[1].detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dlkernels.available_backends()["cuda"], reason="dlkernels._C not built")
+@pytest.mark.parametrize("cls, kwargs", [(dlkernels.optim.Adam, dict(lr=1e-3)),
+                                         (dlkernels.optim.SGD, dict(lr=1e-3, momentum=0.9)),
+                                         (dlkernels.optim.SWATS, dict(lr=1e-3))], ids=["adam", "sgd", "swats"])
+def test_gpu_one_kernel_per_step_lenet5(cls, kwargs):
+    """The LeNet-5 list (10 tensors, one dtype, one group): a step is exactly one CUDA kernel."""
+    sizes = [6 * 25, 6, 16 * 6 * 25, 16, 120 * 400, 120, 84 * 120, 84, 10 * 84, 10]
+    params = [make_input((s,), device="cuda", seed=i) for i, s in enumerate(sizes)]
+    for i, p in enumerate(params):
+        p.grad = _grad(0, i, p)
+    with dlkernels.backend("cuda"):
+        opt = cls(params, **kwargs)
+        opt.step()  # state allocated, counters created
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, [e.name for e in kernels]
