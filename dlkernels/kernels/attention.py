@@ -8,7 +8,9 @@ query blocks in the window, accumulating dK and dV in registers (so the group su
 added there with fp32 atomics or, when deterministic, computed by a second kernel per query block (no atomics).
 Dropout keeps an element iff ``rand(seed, ((b * Hq + h) * Nq + i) * Nk + j) >= p``, so forward and backward agree.
 
-The head dim is padded to a power of two (``BLOCK_D``) with masked loads; sequence ends and windows are masks.
+The head dim is padded to a power of two (``BLOCK_D``) with masked loads; sequence ends and windows are masks,
+computed only on boundary blocks: each block loop runs in three phases (masked, unmasked, masked), the middle one
+over blocks that lie wholly inside every row's window and the sequence.
 """
 from __future__ import annotations
 
