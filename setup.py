@@ -62,10 +62,8 @@ def _extension_plan():
         name="dlkernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
-        },
+        # No -std flag: BuildExtension adds the one the installed torch needs (C++17, or C++20 from torch 2.14).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
