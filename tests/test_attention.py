@@ -218,10 +218,11 @@ def test_keys_outside_window_blocks_are_never_read(device, poisoned_empty):
     """Keys more than one block beyond every window are NaN: block skipping must never touch them."""
     from dlkernels.kernels.attention import block_config
 
-    n, d, left, right = 160, 16, 4, 6
-    q, k, v = make_qkv(1, 2, 2, n, n, d, torch.float16, device, seed=31)
+    d, left, right = 16, 4, 6
     cfg = block_config(16, torch.device(device), "fwd")
     far = 2 * max(cfg["BLOCK_M"], cfg["BLOCK_N"]) + left + right
+    n = far + 8 + 40
+    q, k, v = make_qkv(1, 2, 2, n, n, d, torch.float16, device, seed=31)
     k_poison, v_poison = k.detach().clone(), v.detach().clone()
     k_poison[:, :, n - 8:] = float("nan")  # rows 0.. far before see none of these
     v_poison[:, :, n - 8:] = float("nan")
@@ -259,17 +260,17 @@ def test_dropout_matches_reference_with_the_kernel_mask(device, poisoned_empty):
         check_against_reference(q, k, v, window=(10, 5), keep=keep, dropout_p=p, run=run)
 
 
-def test_dropout_kept_fraction():
+def test_dropout_kept_fraction(device):
     from dlkernels.kernels.attention import dropout_keep_mask
 
     for p in (0.1, 0.5):
-        keep = dropout_keep_mask(2024, 2, 3, 64, 96, p, "cpu")
+        keep = dropout_keep_mask(2024, 2, 3, 64, 96, p, device)
         n = keep.numel()
         kept = int(keep.sum())
         sigma = math.sqrt(n * p * (1 - p))
         assert abs(kept - n * (1 - p)) < 5 * sigma, f"kept {kept} of {n} at p={p}"
         # Different seeds give (almost surely) different masks; rows are not copies of each other.
-        assert not torch.equal(keep, dropout_keep_mask(2025, 2, 3, 64, 96, p, "cpu"))
+        assert not torch.equal(keep, dropout_keep_mask(2025, 2, 3, 64, 96, p, device))
         assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
