@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import next_pow2, num_warps_for, sm_count
+from .launch import block_for, next_pow2, num_warps_for, sm_count
 
 
 @triton.jit
@@ -272,7 +272,7 @@ def _reduce(x, g, stats, affine, channel_minor: bool, relu: bool):
         sizes = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps_for(block_r * block_c))
         geometry = (rows, c, per_split)
     else:
-        block_k = min(next_pow2(k), 1024)
+        block_k = block_for(k)
         block_n = max(1, min(next_pow2(n), 4096 // block_k))
         splits = max(1, min(triton.cdiv(target, c), n))
         per_split = triton.cdiv(n, splits)
@@ -292,7 +292,7 @@ def _reduce(x, g, stats, affine, channel_minor: bool, relu: bool):
 
 def _apply_launch(x, g, out, stats, affine, coeffs, channel_minor: bool, training: bool, relu: bool):
     _, c, rows, k = _geometry(x, channel_minor)
-    block_k = min(next_pow2(k), 1024)
+    block_k = block_for(k)
     block_r = max(1, min(next_pow2(rows), 4096 // block_k))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
     weight, bias = affine
