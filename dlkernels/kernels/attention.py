@@ -8,7 +8,8 @@ query blocks in the window, accumulating dK and dV in registers (so the group su
 added there with fp32 atomics or, when deterministic, computed by a second kernel per query block (no atomics).
 Dropout keeps an element iff ``rand(seed, ((b * Hq + h) * Nq + i) * Nk + j) >= p``, so forward and backward agree.
 
-The head dim is padded to a power of two (``BLOCK_D``) with masked loads; sequence ends and windows are masks,
+The head dim is padded to a power of two (``BLOCK_D``) with masked loads; it is a compile-time constant (fixed per
+model), so the masks along it are known and loads stay vectorized and pipelined for any head dim; sequence ends and windows are masks,
 computed only on boundary blocks: each block loop runs in three phases (masked, unmasked, masked), the middle one
 over blocks that lie wholly inside every row's window and the sequence.
 """
@@ -120,7 +121,7 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_kpm_b, stride_kpm_n,
-    H, GROUP, Nq, Nk, D, LEFT, RIGHT, scale_log2, dropout_p, seed,
+    H, GROUP, Nq, Nk, D: tl.constexpr, LEFT, RIGHT, scale_log2, dropout_p, seed,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -188,7 +189,7 @@ def _bwd_delta_kernel(
     Out, dOut, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    H, Nq, D,
+    H, Nq, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = sum_d dO[i, d] * O[i, d] (fp32): the softmax-backward row term."""
@@ -236,7 +237,7 @@ def _bwd_probs(
 def _dkdv_block(
     dk, dv, k, v, q_base, do_base, Lse, Delta, kpm_row, start_m, offs_m, cols, offs_d, d_ok, dQacc,
     stride_qm, stride_qd, stride_gm, stride_gd, stride_kpm_n,
-    bh, Nq, Nk, D, LEFT, RIGHT, scale_log2, dropout_p, seed,
+    bh, Nq, Nk, D: tl.constexpr, LEFT, RIGHT, scale_log2, dropout_p, seed,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -269,7 +270,7 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_kpm_b, stride_kpm_n,
-    HKV, GROUP, Nq, Nk, D, LEFT, RIGHT, scale, dropout_p, seed,
+    HKV, GROUP, Nq, Nk, D: tl.constexpr, LEFT, RIGHT, scale, dropout_p, seed,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -360,7 +361,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_kpm_b, stride_kpm_n,
-    H, GROUP, Nq, Nk, D, LEFT, RIGHT, scale, dropout_p, seed,
+    H, GROUP, Nq, Nk, D: tl.constexpr, LEFT, RIGHT, scale, dropout_p, seed,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
