@@ -136,6 +136,15 @@ def test_single_key(device, poisoned_empty):
     assert dq.abs().max() < 2e-5 and dk.abs().max() < 2e-5
 
 
+def test_bfloat16(device, poisoned_empty):
+    # On CPU the interpreter runs bf16 through fp32 copies (it cannot do bf16 arithmetic); on a GPU, bf16 dots.
+    q, k, v = make_qkv(2, 4, 2, 75, 90, 40, torch.bfloat16, device, seed=17)
+    kpm = torch.zeros(2, 90, dtype=torch.bool, device=device)
+    kpm[1, 60:] = True
+    for deterministic in (False, True):
+        check_against_reference(q, k, v, window=(20, 3), key_padding_mask=kpm, deterministic=deterministic)
+
+
 def _random_windows(count, seed=1234):
     rng = random.Random(seed)
     sides = lambda: rng.choice([None, 0, 1, rng.randrange(2, 40), rng.randrange(40, 200), 500])  # noqa: E731

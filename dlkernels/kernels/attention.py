@@ -449,12 +449,22 @@ def _kpm_args(key_padding_mask, device):
     return kpm, kpm.stride(0), kpm.stride(1), True
 
 
+def _interpreter_operands(*tensors):
+    """Triton's interpreter cannot do bf16 arithmetic (Triton issue 11584): on CPU, bf16 operands go in as fp32
+    copies (results are still stored in bf16). On the GPU tensors pass through untouched."""
+    if tensors[0].device.type == "cpu" and tensors[0].dtype == torch.bfloat16:
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
 def forward(q, k, v, key_padding_mask, seed: int, scale: float, left: int, right: int, dropout_p: float):
     """(out contiguous (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)."""
+    dtype = q.dtype
+    q, k, v = _interpreter_operands(q, k, v)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     left, right = _window_bounds(left, right, nq, nk)
-    out = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, hq, nq, d), dtype=dtype, device=q.device)
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     kpm, skpb, skpn, has_kpm = _kpm_args(key_padding_mask, q.device)
     block_d = max(16, next_pow2(d))
@@ -472,6 +482,8 @@ def forward(q, k, v, key_padding_mask, seed: int, scale: float, left: int, right
 def backward(grad_out, q, k, v, out, lse, key_padding_mask, seed: int, scale: float, left: int, right: int,
              dropout_p: float, deterministic: bool):
     """(dq, dk, dv), contiguous, in the inputs' dtype; dk/dv summed over each kv head's query heads."""
+    dtype = q.dtype
+    grad_out, q, k, v, out = _interpreter_operands(grad_out, q, k, v, out)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -487,8 +499,8 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, seed: int, scale: fl
         out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, nq, d, BLOCK_M=delta_block, BLOCK_D=block_d,
     )
 
-    dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=q.device)
+    dk = torch.empty((b, hkv, nk, d), dtype=dtype, device=q.device)
+    dv = torch.empty((b, hkv, nk, d), dtype=dtype, device=q.device)
     atomic_dq = not deterministic
     dq_acc = torch.zeros((b, hq, nq, d), dtype=torch.float32, device=q.device) if atomic_dq else dk
     cfg = block_config(block_d, q.device, "dkdv")
@@ -499,9 +511,9 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, seed: int, scale: fl
         HAS_KPM=has_kpm, DROPOUT=dropout, ATOMIC_DQ=atomic_dq, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
     )
     if atomic_dq:
-        return (dq_acc * scale).to(q.dtype), dk, dv
+        return (dq_acc * scale).to(dtype), dk, dv
 
-    dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
+    dq = torch.empty((b, hq, nq, d), dtype=dtype, device=q.device)
     cfg = block_config(block_d, q.device, "dq")
     _bwd_dq_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), b * hq)](
         q, k, v, grad_out, lse, delta, kpm, dq,

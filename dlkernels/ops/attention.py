@@ -19,7 +19,8 @@ from the Triton kernel's mask (both are correct dropout; each is consistent betw
 Implementations: the Triton kernel (flash-attention-2 style, fp16/bf16 on the GPU; any float dtype under the
 interpreter) and the eager reference. fp32 and fp64 inputs on the GPU run the reference path (no tf32 kernel), so
 their accuracy matches eager PyTorch; float64 inputs and head dims above 256 run the reference path everywhere.
-Under Triton's interpreter (CPU tests) fp32 runs the kernel with full-precision dots.
+Under Triton's interpreter (CPU tests) fp32 runs the kernel with full-precision dots and bf16 operands are
+copied to fp32 first (the interpreter cannot do bf16 arithmetic).
 
 The forward op returns ``(out, lse)``: ``lse`` (B, Hq, Nq) float32 is the natural-log log-sum-exp of each row's
 scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). The backward op uses only
