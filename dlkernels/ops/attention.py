@@ -6,7 +6,7 @@ reads key/value head ``h // (Hq // Hkv)``.
 
 Mask definition (absolute positions, top-left aligned like ``F.scaled_dot_product_attention(is_causal=True)``):
 query i may attend key j iff ``i - left <= j <= i + right`` with ``window=(left, right)`` (inclusive; ``None`` on a
-side = unbounded), and ``key_padding_mask[b, j]`` is False (True = padding). ``causal=True`` is ``window=(None, 0)``
+side = unbounded; bounded sides are ints >= 0), and ``key_padding_mask[b, j]`` is False (True = padding). ``causal=True`` is ``window=(None, 0)``
 and composes with a left window: ``causal=True, window=(left, _)`` gives ``(left, min(right, 0))``. A query with no
 key left returns zeros (and zero gradients), never NaN.
 
@@ -16,7 +16,7 @@ Dropout (``dropout_p > 0``) zeroes probabilities with probability ``dropout_p`` 
 backward regenerates the same mask. The reference path draws its mask with torch from the same seed, so it differs
 from the Triton kernel's mask (both are correct dropout; each is consistent between its forward and backward).
 
-Implementations: the Triton kernel (flash-attention-2 style, fp16/bf16 on the GPU; any float dtype under the
+Implementations: the Triton kernel (flash-attention-2 style, fp16/bf16 on the GPU; fp16/bf16/fp32 under the
 interpreter) and the eager reference. fp32 and fp64 inputs on the GPU run the reference path (no tf32 kernel), so
 their accuracy matches eager PyTorch; float64 inputs and head dims above 256 run the reference path everywhere.
 Under Triton's interpreter (CPU tests) fp32 runs the kernel with full-precision dots and bf16 operands are
@@ -24,7 +24,8 @@ copied to fp32 first (the interpreter cannot do bf16 arithmetic).
 
 The forward op returns ``(out, lse)``: ``lse`` (B, Hq, Nq) float32 is the natural-log log-sum-exp of each row's
 scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). The backward op uses only
-``out`` and ``lse``. ``deterministic=True`` makes the backward avoid atomics (bitwise reproducible).
+``out`` and ``lse``. ``deterministic=False`` (default) adds dQ with fp32 atomics inside the dK/dV pass;
+``deterministic=True`` computes dQ in a second pass without atomics (bitwise reproducible).
 """
 from __future__ import annotations
 
