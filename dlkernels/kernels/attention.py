@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import next_pow2
+from .launch import gpu_launch_config, next_pow2
 
 LOG2E = 1.4426950408889634  # host side only: jit code spells constants out (globals must be constexpr there)
 
@@ -30,7 +30,7 @@ def block_config(head_dim_block: int, device: torch.device, kind: str) -> dict:
     GPU sizes follow the flash-attention-2 Triton tutorial's best Hopper configs, smaller for large head dims
     (register pressure). Under the interpreter small blocks keep the per-op numpy work cheap.
     """
-    if device.type != "cuda":
+    if not gpu_launch_config(device):
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if kind == "fwd":
         if head_dim_block <= 64:
