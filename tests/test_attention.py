@@ -224,24 +224,29 @@ def test_strided_inputs(device, poisoned_empty):
 
 
 def test_keys_outside_window_blocks_are_never_read(device, poisoned_empty):
-    """Keys more than one block beyond every window are NaN: block skipping must never touch them."""
+    """Keys more than a block beyond every window are NaN: block skipping (forward and backward) never touches them."""
     from dlkernels.kernels.attention import block_config
 
     d, left, right = 16, 4, 6
-    cfg = block_config(16, torch.device(device), "fwd")
-    far = 2 * max(cfg["BLOCK_M"], cfg["BLOCK_N"]) + left + right
+    configs = [block_config(16, torch.device(device), kind) for kind in ("fwd", "dkdv", "dq")]
+    far = 2 * max(max(c["BLOCK_M"], c["BLOCK_N"]) for c in configs) + left + right
     n = far + 8 + 40
-    q, k, v = make_qkv(1, 2, 2, n, n, d, torch.float16, device, seed=31)
-    k_poison, v_poison = k.detach().clone(), v.detach().clone()
-    k_poison[:, :, n - 8:] = float("nan")  # rows 0.. far before see none of these
+    rows = n - 8 - far  # queries 0 .. rows-1 are far from keys n-8 .. n-1
+    q, k, v = make_qkv(1, 2, 2, rows, n, d, torch.float16, device, seed=31)
+    k_poison, v_poison = (t.detach().clone() for t in (k, v))
+    k_poison[:, :, n - 8:] = float("nan")
     v_poison[:, :, n - 8:] = float("nan")
-    rows = n - 8 - far
-    with dlkernels.backend("triton"):
-        out = attention(q[:, :, :rows], k_poison, v_poison, window=(left, right))
-    with dlkernels.backend("triton"):
-        clean = attention(q[:, :, :rows], k, v, window=(left, right))
-    assert not out.isnan().any()
-    assert torch.equal(out, clean)
+    k_poison.requires_grad_(True)
+    v_poison.requires_grad_(True)
+    grad_out = make_input(q.shape, q.dtype, device, seed=99)
+    results = []
+    for keys, values in ((k_poison, v_poison), (k, v)):
+        with dlkernels.backend("triton"):
+            out = attention(q, keys, values, window=(left, right), deterministic=True)
+            results.append((out, *torch.autograd.grad(out, (q, keys, values), grad_out)))
+    for poisoned, clean in zip(*results):
+        assert not poisoned.isnan().any()
+        assert torch.equal(poisoned, clean)
 
 
 # ---------------------------------------------------------------------------------------------------------------
