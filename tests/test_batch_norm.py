@@ -144,6 +144,39 @@ def test_gradcheck_float64(training, relu, channels_last):
         assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
 
 
+def test_double_backward():
+    """create_graph=True (gradient penalties) differentiates through the reference, as torch's own BN allows."""
+    x = make_input((4, 3, 5), torch.float64, seed=1, requires_grad=True)
+    w = make_input(3, torch.float64, seed=2, mean=1.0, std=0.2, requires_grad=True)
+    b = make_input(3, torch.float64, seed=3, requires_grad=True)
+    with dlkernels.backend("triton"), pytest.warns(UserWarning, match="double backward"):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: dlkernels.ops.batch_norm(x, None, None, w, b, True, activation="relu"), (x, w, b)
+        )
+
+
+def test_empty_batch_leaves_running_stats_alone():
+    ours, theirs = dlkernels.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for m in (ours, theirs):
+        _randomize(m, seed=4)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    with dlkernels.backend("triton"):
+        y = ours(x)
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    theirs(torch.randn(0, 3, 4, 4))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+    assert dlkernels.ops.batch_norm(torch.randn(2, 0, 4), torch.zeros(0), torch.ones(0), training=True).shape == (2, 0, 4)
+
+
+def test_weight_and_bias_of_shape_1_by_c_as_in_torch():
+    x, w, b = make_input((4, 3, 5), seed=1), make_input((1, 3), seed=2), make_input((1, 3), seed=3)
+    with dlkernels.backend("triton"):
+        y = dlkernels.ops.batch_norm(x, None, None, w, b, training=True)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, w, b, training=True))
+
+
 def test_running_stats_update_in_place():
     x = make_input((5, 3, 4), seed=2)
     rm, rv = torch.zeros(3), torch.ones(3)
@@ -262,6 +295,10 @@ class TestBadInput:
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             dlkernels.nn.BatchNorm1d(3)(make_input((1, 3)))
         dlkernels.nn.BatchNorm1d(3).eval()(make_input((1, 3)))  # fine in eval
+
+    def test_running_stats_both_or_neither(self):
+        with pytest.raises(ValueError, match="running_mean and running_var"):
+            dlkernels.ops.batch_norm(make_input((2, 3)), torch.zeros(3), None, training=True)
 
     def test_eval_needs_running_stats(self):
         with pytest.raises(RuntimeError, match="running_mean must be defined"):

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import store_rounded
 from .launch import block_for, next_pow2, num_warps_for, sm_count
 
 
@@ -238,7 +239,7 @@ def _apply(
         y = ((x - center) - mean) * scale + shift
         if RELU:
             y = tl.maximum(y, 0.0)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    store_rounded(out_ptr, offs, y, mask)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import store_rounded
 from .launch import num_warps_for
 
 BLOCK = 4096
@@ -33,23 +34,12 @@ def _one_minus_pow(one_minus_base, exponent):
 
 
 @triton.jit
-def _store(ptr, offsets, value, mask):
-    """Stores fp32 ``value`` in ``ptr``'s dtype, rounding to nearest even. bf16 is rounded by hand because Triton's
-    interpreter truncates fp32 -> bf16 casts; the rounded value is exact in bf16, so GPU and interpreter agree."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = bits.to(tl.float32, bitcast=True)
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _load_grad(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
     """The gradient in fp32, unscaled (and written back unscaled, as torch's fused optimizers do) under AMP."""
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr).to(tl.float32)
-        _store(grad_ptr, offsets, grad, mask)
+        store_rounded(grad_ptr, offsets, grad, mask)
     return grad
 
 
@@ -92,16 +82,16 @@ def _adam_kernel(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    _store(exp_avg_ptr, offsets, exp_avg, mask)
-    _store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+    store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
+    store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
     second_moment = exp_avg_sq
     if AMSGRAD:
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         second_moment = tl.maximum(max_exp_avg_sq, exp_avg_sq)
-        _store(max_exp_avg_sq_ptr, offsets, second_moment, mask)
+        store_rounded(max_exp_avg_sq_ptr, offsets, second_moment, mask)
     denom = tl.sqrt(second_moment) / bias_correction2_sqrt.to(tl.float32) + eps
     param = param - step_size * (exp_avg / denom)
-    _store(param_ptr, offsets, param, mask)
+    store_rounded(param_ptr, offsets, param, mask)
 
 
 @triton.jit
@@ -127,13 +117,13 @@ def _sgd_kernel(
         else:
             buffer = tl.load(momentum_buffer_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             buffer = buffer * momentum + one_minus_dampening * grad
-        _store(momentum_buffer_ptr, offsets, buffer, mask)
+        store_rounded(momentum_buffer_ptr, offsets, buffer, mask)
         if NESTEROV:
             grad = grad + momentum * buffer
         else:
             grad = buffer
     param = param - lr * grad
-    _store(param_ptr, offsets, param, mask)
+    store_rounded(param_ptr, offsets, param, mask)
 
 
 @triton.jit
@@ -167,8 +157,8 @@ def _swats_kernel(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=adam_mask, other=0.0).to(tl.float32)
     exp_avg = exp_avg * beta1 + one_minus_beta1 * grad
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    _store(exp_avg_ptr, offsets, exp_avg, adam_mask)
-    _store(exp_avg_sq_ptr, offsets, exp_avg_sq, adam_mask)
+    store_rounded(exp_avg_ptr, offsets, exp_avg, adam_mask)
+    store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, adam_mask)
     adam_update = -adam_step_size.to(tl.float32) * exp_avg / (tl.sqrt(exp_avg_sq) + eps)
     adam_update = tl.where(adam_mask, adam_update, 0.0)
     tl.atomic_add(switch_state_ptr + 4, tl.sum(adam_update * grad, axis=0).to(tl.float64))  # SWATS_SUM_PG
@@ -176,10 +166,10 @@ def _swats_kernel(
 
     buffer = tl.load(momentum_buffer_ptr + offsets, mask=sgd_mask, other=0.0).to(tl.float32)
     buffer = buffer * beta1 + grad
-    _store(momentum_buffer_ptr, offsets, buffer, sgd_mask)
+    store_rounded(momentum_buffer_ptr, offsets, buffer, sgd_mask)
 
     param = tl.where(in_sgd_phase, param - sgd_step_size * buffer, param + adam_update)
-    _store(param_ptr, offsets, param, mask)
+    store_rounded(param_ptr, offsets, param, mask)
 
 
 @triton.jit

@@ -98,12 +98,6 @@ def reference_backward(grad_out, x, weight, bias, stats, training, relu):
 # Custom ops.
 
 
-def _unsupported(x: Tensor) -> str | None:
-    if x.numel() == 0:
-        return "empty input"
-    return None
-
-
 @torch.library.custom_op("dlkernels::batch_norm_forward", mutates_args=("running_mean", "running_var"))
 def batch_norm_forward(
     x: Tensor,
@@ -118,7 +112,9 @@ def batch_norm_forward(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, stats): stats is [3, C] (center, mean, invstd), fp32 (fp64 for fp64 input), describing the
     statistics used (batch or running): the mean is center + mean (see dlkernels.kernels.batch_norm)."""
-    impl = _backend.choose("batch_norm", x.device, unsupported=_unsupported(x))
+    if x.numel() == 0:  # as torch: an empty output, running statistics left alone
+        return torch.empty_like(x), x.new_zeros((3, x.shape[1]), dtype=_stats_dtype(x.dtype))
+    impl = _backend.choose("batch_norm", x.device)
     if impl == "reference":
         return reference_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     from ..kernels import batch_norm as kernels
@@ -148,8 +144,10 @@ def batch_norm_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_input, grad_weight, grad_bias); a gradient not asked for in ``output_mask`` is an empty tensor."""
-    impl = _backend.choose("batch_norm", x.device, unsupported=_unsupported(x))
-    if impl == "reference":
+    impl = _backend.choose("batch_norm", x.device)
+    if x.numel() == 0:
+        dx, gw, gb = torch.zeros_like(x), stats[0].new_zeros(x.shape[1]), stats[0].new_zeros(x.shape[1])
+    elif impl == "reference":
         dx, gw, gb = reference_backward(grad_out, x, weight, bias, stats, training, relu)
     else:
         from ..kernels import batch_norm as kernels
@@ -177,18 +175,44 @@ def _(grad_out, x, weight, bias, stats, training, relu, output_mask):
     )
 
 
+def _differentiable_backward(ctx, grad_out, x, weight, bias, stats):
+    """Double backward: recompute the forward with the eager reference, which autograd differentiates again."""
+    _backend.warn_fallback("batch_norm", "double backward (create_graph=True) is differentiated through the reference")
+    acc = stats.dtype
+    shape = _broadcast_shape(x)
+    dims = [0, *range(2, x.dim())]
+    xf = x.to(acc)
+    if ctx.training:
+        var, mean = torch.var_mean(xf, dims, correction=0)
+        invstd = torch.rsqrt(var + ctx.eps)
+    else:  # running statistics are constants
+        mean, invstd = stats[0] + stats[1], stats[2]
+    y = (xf - mean.view(shape)) * invstd.view(shape)
+    y = y * weight.to(acc).view(shape) if weight is not None else y
+    y = y + bias.to(acc).view(shape) if bias is not None else y
+    y = torch.relu(y) if ctx.relu else y
+    wanted = [(i, t) for i, t in ((0, x), (3, weight), (4, bias)) if ctx.needs_input_grad[i]]
+    grads = torch.autograd.grad(y.to(x.dtype), [t for _, t in wanted], grad_out, create_graph=True)
+    result = [None] * 9
+    for (i, _), g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
+
+
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
         out, stats = batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
         # ReLU's mask is recomputed from x and the statistics: neither the output nor a mask is saved.
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.training, ctx.relu = training, relu
+        ctx.training, ctx.relu, ctx.eps = training, relu, eps
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' backward has no derivative of its own
+            return _differentiable_backward(ctx, grad_out, x, weight, bias, stats)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
         dx, gw, gb = batch_norm_backward(grad_out, x, weight, bias, stats, ctx.training, ctx.relu, mask)
         return (dx if mask[0] else None), None, None, (gw if mask[1] else None), (gb if mask[2] else None), \
@@ -202,7 +226,7 @@ class _BatchNormFunction(torch.autograd.Function):
 def _check_param(name: str, t: Optional[Tensor], x: Tensor) -> None:
     if t is None:
         return
-    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+    if t.numel() != x.shape[1]:
         raise RuntimeError(f"{name} should contain {x.shape[1]} elements not {t.numel()} (shape {tuple(t.shape)})")
     if t.device != x.device:
         raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
@@ -243,13 +267,14 @@ def batch_norm(
     if momentum is None or not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a float, got {momentum!r} (the modules handle momentum=None)")
     if (running_mean is None) != (running_var is None):
-        raise RuntimeError("running_mean and running_var must be given together")
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_param(name, t, input)
-    if training and input.numel() // input.shape[1] <= 1 and input.numel() > 0:
+    if training and input.numel() > 0 and input.numel() // input.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    weight, bias = (t.view(-1) if t is not None else None for t in (weight, bias))  # (1, C) works as in torch
     return _BatchNormFunction.apply(
         input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps),
         activation == "relu",
