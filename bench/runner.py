@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -77,22 +77,27 @@ def time_ms(fn: Callable[[], object]) -> tuple[float, float, float]:
     return med, p20, p80
 
 
-def measure_ceilings() -> dict:
-    """The card's copy bandwidth (1 GiB bf16 device copy, read + write) and bf16 matmul rate (8192^3)."""
-    x = torch.randn(512 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)
+def _copy_ms(numel: int) -> float:
+    x = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    copy_ms, _, _ = time_ms(lambda: y.copy_(x))
-    del x, y
-    n = 8192
+    return time_ms(lambda: y.copy_(x))[0]
+
+
+def _matmul_ms(n: int) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    mm_ms, _, _ = time_ms(lambda: a @ b)
-    del a, b
-    torch.cuda.empty_cache()
-    return {
-        "copy_GBps": 2 * 512 * 1024 * 1024 * 2 / copy_ms / 1e6,
-        "bf16_mm_TFLOPs": 2 * n**3 / mm_ms / 1e9,
+    return time_ms(lambda: a @ b)[0]
+
+
+def measure_ceilings() -> dict:
+    """The card's copy bandwidth (1 GiB bf16 device copy, read + write) and bf16 matmul rate (8192^3)."""
+    numel, n = 512 * 1024 * 1024, 8192
+    ceilings = {
+        "copy_GBps": 2 * numel * 2 / _copy_ms(numel) / 1e6,
+        "bf16_mm_TFLOPs": 2 * n**3 / _matmul_ms(n) / 1e9,
     }
+    torch.cuda.empty_cache()
+    return ceilings
 
 
 def run_cases(cases: list[Case], ceilings: dict, env: dict) -> list[dict]:

@@ -11,8 +11,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import dlkernels  # noqa: E402
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -84,10 +84,11 @@ def _workload():
         for dtype in (torch.float16, torch.bfloat16):
             for head_dim, causal, window, dropout in ((64, False, None, 0.0), (40, True, (8, None), 0.0),
                                                       (128, False, (16, 16), 0.1)):
-                q, k, v = (make_input((1, 2, 33, head_dim), dtype, seed=i, requires_grad=True) for i in range(3))
-                for deterministic in (False, True):
+                q, k, v = (make_input((2, 2, 33, head_dim), dtype, seed=i, requires_grad=True) for i in range(3))
+                padding = torch.arange(33) >= torch.tensor([[30], [33]])
+                for deterministic, key_padding_mask in ((False, None), (True, padding)):
                     out = dlkernels.ops.attention(q, k, v, causal=causal, window=window, dropout_p=dropout,
-                                                  deterministic=deterministic)
+                                                  deterministic=deterministic, key_padding_mask=key_padding_mask)
                     out.sum().backward()
         for dtype in (torch.float32, torch.bfloat16):
             params = [torch.nn.Parameter(make_input((37,), dtype, seed=i)) for i in range(2)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dlkernels
-from dlkernels.ops.optim import SWATS_PHASE, SWATS_SGD_LR, adam_step, sgd_step
+from dlkernels.ops.optim import adam_step, sgd_step
 from dlkernels.testing import assert_close, make_input
 
 SHAPES = [(33,), (7, 11), (4, 3, 5)]
