@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
+# pytest-xdist where installed (the CPU setup installs it; a GPU machine's preinstalled Python may lack it).
+XDIST = $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n $(JOBS)")
 
 .PHONY: setup test bench info
 
@@ -10,8 +12,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 
+# CPU tests through Triton's interpreter; on a CUDA machine also the GPU tests, in a run of their own.
 test: setup
-	$(PY) -m pytest -n $(JOBS) -q tests
+	$(PY) -m pytest $(XDIST) -q tests
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m pytest -q -m gpu tests; fi
 
 bench: setup
 	$(PY) -m dlkernels bench

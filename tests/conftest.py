@@ -1,23 +1,29 @@
-"""Test setup: without a GPU, Triton's interpreter runs every Triton kernel on CPU tensors.
+"""Test setup. Two kinds of run:
 
-TRITON_INTERPRET must be set before triton is first imported, hence here, before dlkernels is imported.
+- ``pytest -m gpu`` on a machine with CUDA: the GPU tests, on the real compiled kernels.
+- anything else: Triton's interpreter runs every Triton kernel on CPU tensors (``TRITON_INTERPRET=1``, set here
+  before triton is first imported) and the GPU tests are skipped.
 """
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+GPU_RUN = False
 
-import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+def pytest_configure(config):
+    global GPU_RUN
+    GPU_RUN = torch.cuda.is_available() and config.getoption("markexpr") == "gpu"
+    if not GPU_RUN:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if GPU_RUN:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    reason = "GPU tests run with `pytest -m gpu` on a CUDA machine" if torch.cuda.is_available() else "needs CUDA"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -25,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def device():
-    return DEVICE
+    return "cuda" if GPU_RUN else "cpu"
 
 
 @pytest.fixture(autouse=True)
