@@ -3,6 +3,7 @@
 Kernel runs are compared with the tolerance rule of dlkernels.testing: error against a float64 run of torch's
 optimizer at most 2x the error of torch's optimizer in the same dtype (plus a dtype floor).
 """
+import copy
 import math
 
 import pytest
@@ -177,7 +178,9 @@ def test_state_dict_round_trip_torch_ours_torch(ours_cls, torch_cls, kwargs):
 
 
 def test_state_dict_loaded_copy_is_independent():
-    """An optimizer loading another's state dict does not share its buffers: both continue on their own."""
+    """A loaded state dict continues on its own. state_dict() returns live tensors and torch's load_state_dict keeps
+    them (torch shares buffers between two of its own optimizers the same way), so the state dict is copied, as a
+    checkpoint would be; our load_state_dict copies by itself."""
     params_a = _initial_params(torch.float32)
     params_b = [p.clone() for p in params_a]
     with dlkernels.backend("triton"):
@@ -186,7 +189,7 @@ def test_state_dict_loaded_copy_is_independent():
         b = torch.optim.Adam(params_b, lr=1e-2, foreach=False)
         for pa, pb in zip(params_a, params_b):
             pb.data.copy_(pa)
-        b.load_state_dict(a.state_dict())
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
         _train(a, params_a, 3, 6)
         _train(b, params_b, 3, 6)
     for pa, pb in zip(params_a, params_b):

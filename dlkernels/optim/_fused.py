@@ -32,9 +32,9 @@ class FusedOptimizer(Optimizer):
     """Base of the dlkernels optimizers: a ``torch.optim.Optimizer`` whose ``step`` runs one fused op per group.
 
     ``step`` reads ``self.grad_scale`` / ``self.found_inf`` when ``torch.amp.GradScaler`` sets them (the kernels
-    unscale the gradients and skip the step on inf/NaN without a host sync). ``state_dict()`` returns copies of the
-    state tensors and ``load_state_dict`` copies what it loads, so an optimizer loading another's state (ours or
-    torch's) never shares buffers with it; step counts are kept as float32 scalars on the parameter's device.
+    unscale the gradients and skip the step on inf/NaN without a host sync). ``state_dict()`` returns the live state
+    tensors, as torch's does; ``load_state_dict`` copies what it loads, so an optimizer loading another's live state
+    (ours or torch's) never shares buffers with it; step counts are kept as float32 scalars on the parameter's device.
     """
 
     _step_supports_amp_scaling = True
@@ -95,11 +95,6 @@ class FusedOptimizer(Optimizer):
             device = group["params"][0].device
             return 0.0, lr.detach().reshape(()).to(device, non_blocking=True)
         return float(lr), None
-
-    def state_dict(self) -> dict[str, Any]:
-        state_dict = super().state_dict()
-        state_dict["state"] = copy.deepcopy(state_dict["state"])
-        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(copy.deepcopy(state_dict))
