@@ -27,23 +27,23 @@ LOG2E = 1.4426950408889634  # host side only: jit code spells constants out (glo
 def block_config(head_dim_block: int, device: torch.device, kind: str) -> dict:
     """Launch parameters for ``kind`` in {"fwd", "dkdv", "dq"}: BLOCK_M (queries), BLOCK_N (keys), warps, stages.
 
-    GPU sizes follow the flash-attention-2 Triton tutorial's best Hopper configs, smaller for large head dims
-    (register pressure). Under the interpreter small blocks keep the per-op numpy work cheap.
+    GPU sizes: the largest tiles for which ptxas (sm_90, fp16/bf16, no padding mask or dropout) reports no register
+    spills, or the fewest; chosen from cuobjdump's resource usage on 2026-11-28, not yet timed on a GPU (see
+    bench/NOTES.md). The dK/dV pass spills at every tile size for head dims above 64 (152 bytes at D=128 with the
+    sizes below, 600-2200 with larger tiles). Under the interpreter small blocks keep the per-op numpy work cheap.
     """
     if not gpu_launch_config(device):
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if kind == "fwd":
         if head_dim_block <= 64:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-        if head_dim_block <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        if head_dim_block <= 128:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if kind == "dkdv":
-        if head_dim_block <= 64:
-            return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
         if head_dim_block <= 128:
-            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)
     if head_dim_block <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     if head_dim_block <= 128:
@@ -451,8 +451,10 @@ def _kpm_args(key_padding_mask, device):
 
 def _interpreter_operands(*tensors):
     """Triton's interpreter cannot do bf16 arithmetic (Triton issue 11584): on CPU, bf16 operands go in as fp32
-    copies (results are still stored in bf16). On the GPU tensors pass through untouched."""
-    if tensors[0].device.type == "cpu" and tensors[0].dtype == torch.bfloat16:
+    copies (results are still stored in bf16). On the GPU tensors pass through untouched, and so they do under the
+    GPU launch configuration (tests/test_gpu_compile.py records bf16 launches there; their values are not used)."""
+    device = tensors[0].device
+    if device.type == "cpu" and tensors[0].dtype == torch.bfloat16 and not gpu_launch_config(device):
         return tuple(t.float() for t in tensors)
     return tensors
 
