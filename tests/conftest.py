@@ -36,9 +36,11 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _default_backend():
-    """Each test starts from the default backend choice (``$DLKERNELS_BACKEND`` or auto) and leaves it so."""
+    """Each test starts from the default backend choice (``$DLKERNELS_BACKEND`` or auto), with no fallback warned
+    yet, and leaves the backend so."""
     from dlkernels import _backend
 
     _backend._override = None
+    _backend._warned.clear()
     yield
     _backend._override = None

@@ -485,8 +485,8 @@ def test_fallback_warnings(monkeypatch):
     """Warn once where the caller asked for the output only and the kernel cannot serve; never for the default
     need_weights=True call, whose weights are a legitimate request."""
     monkeypatch.setattr(_backend, "_warned", set())
-    ours = dlkernels.nn.MultiheadAttention(E, HEADS)
-    x = make_input((6, 2, E))
+    ours = dlkernels.nn.MultiheadAttention(E, HEADS).half()  # fp16: the op's kernel dtype (fp32 warns in the op)
+    x = make_input((6, 2, E), torch.float16)
     with dlkernels.backend("triton"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")

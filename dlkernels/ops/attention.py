@@ -16,11 +16,10 @@ Dropout (``dropout_p > 0``) zeroes probabilities with probability ``dropout_p`` 
 backward regenerates the same mask. The reference path draws its mask with torch from the same seed, so it differs
 from the Triton kernel's mask (both are correct dropout; each is consistent between its forward and backward).
 
-Implementations: the Triton kernel (flash-attention-2 style, fp16/bf16 on the GPU; fp16/bf16/fp32 under the
-interpreter) and the eager reference. fp32 and fp64 inputs on the GPU run the reference path (no tf32 kernel), so
-their accuracy matches eager PyTorch; float64 inputs and head dims above 256 run the reference path everywhere.
-Under Triton's interpreter (CPU tests) fp32 runs the kernel with full-precision dots and bf16 operands are
-copied to fp32 first (the interpreter cannot do bf16 arithmetic).
+Implementations: the Triton kernel (flash-attention-2 style) for fp16 and bf16, and the eager reference, which
+fp32 and fp64 inputs take on every device (no tf32 kernel: their accuracy is eager PyTorch's), as do head dims above
+256. Under Triton's interpreter (CPU tests) bf16 operands are copied to fp32 first (the interpreter cannot do bf16
+arithmetic) and the kernel runs with full-precision dots.
 
 The forward op returns ``(out, lse)``: ``lse`` (B, Hq, Nq) float32 is the natural-log log-sum-exp of each row's
 scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). The backward op uses only
@@ -36,7 +35,7 @@ import torch
 from .. import _backend
 
 OP = "attention"
-_KERNEL_DTYPES_GPU = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_KERNEL_HEAD_DIM = 256
 _UNBOUNDED = -1  # window side encoding inside the custom ops
@@ -207,10 +206,8 @@ def _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, left, 
 def _unsupported(q: torch.Tensor) -> str | None:
     if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {_MAX_KERNEL_HEAD_DIM}"
-    if q.dtype == torch.float64:
-        return "float64 inputs (the kernel accumulates in float32)"
-    if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_GPU:
-        return f"{q.dtype} inputs on the GPU (the kernel is fp16/bf16)"
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"{q.dtype} inputs (the kernel is fp16/bf16; fp32 and fp64 run the reference on every device)"
     return None
 
 
