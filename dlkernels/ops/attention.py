@@ -29,6 +29,7 @@ scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). T
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -62,9 +63,9 @@ def attention(
     left, right = _window_sides(causal, window)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"attention: scale must be a finite float, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     seed = _draw_seed() if dropout_p > 0 else None
     out, _ = torch.ops.dlkernels.attention_forward(
@@ -115,10 +116,14 @@ def _window_sides(causal: bool, window) -> tuple[int, int]:
     if window is not None:
         if not isinstance(window, (tuple, list)) or len(window) != 2:
             raise ValueError(f"attention: window must be a (left, right) pair, got {window!r}")
-        left, right = window
-        for side, value in (("left", left), ("right", right)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"attention: window {side} must be None or an int >= 0, got {value!r}")
+        sides = []
+        for side, value in zip(("left", "right"), window):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                    raise ValueError(f"attention: window {side} must be None or an int >= 0, got {value!r}")
+                value = int(value)  # numpy and torch integers too
+            sides.append(value)
+        left, right = sides
     if causal:
         right = 0 if right is None else min(right, 0)
     return (_UNBOUNDED if left is None else left), (_UNBOUNDED if right is None else right)
