@@ -40,8 +40,11 @@ def bench_modules(only: list[str] | None):
         raise SystemExit(f"benchmarks need the repository's bench/ folder next to the package ({BENCH_DIR} is missing)")
     sys.path.insert(0, str(BENCH_DIR))
     names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
-    mods = [importlib.import_module(n) for n in names]
-    return [m for m in mods if only is None or m.OP in only]
+    mods = {m.OP: m for m in (importlib.import_module(n) for n in names)}
+    unknown = [op for op in only or [] if op not in mods]
+    if unknown:
+        raise SystemExit(f"unknown op(s) {unknown}; benchmarks exist for {sorted(mods)}")
+    return [mods[op] for op in only] if only else list(mods.values())  # in the order asked for
 
 
 def bench(args) -> int:
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which backends are available here")
     b = sub.add_parser("bench", help="benchmark (GPU) or correctness table (CPU) for every op")
     b.add_argument("--full", action="store_true", help="size sweeps instead of the quick set")
-    b.add_argument("--ops", help="comma-separated op names (default: all)")
+    b.add_argument("--ops", help="comma-separated op names, run in that order (default: all)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
