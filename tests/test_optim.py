@@ -302,28 +302,35 @@ def test_optimizer_reads_grad_scaler_attributes():
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+def _check_grad_scaler_skips_inf_step(device: str) -> None:
+    """torch.amp.GradScaler with an injected inf: the step is skipped (step count included), the scale halves, and
+    the next step runs on unscaled gradients."""
+    params = [p.requires_grad_() for p in _initial_params(torch.float32, device)]
+    opt = dlkernels.optim.Adam(params, lr=1e-2)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+    scaler.scale(sum((p * p).sum() for p in params)).backward()
+    params[0].grad[0] = float("inf")
+    before = [p.detach().clone() for p in params]
+    scaler.step(opt)
+    scaler.update()
+    for a, b in zip(params, before):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    assert float(opt.state[params[0]]["step"]) == 0.0
+    assert scaler.get_scale() == 512.0
+    opt.zero_grad()
+    scaler.scale(sum((p * p).sum() for p in params)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert float(opt.state[params[0]]["step"]) == 1.0
+    assert not torch.equal(params[0].detach(), before[0])
+    # 2 p - the unscaled gradient of sum(p^2) - drives the first Adam step: -lr * sign(grad) (about).
+    expected = before[1] - 1e-2 * torch.sign(before[1])
+    torch.testing.assert_close(params[1].detach(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_grad_scaler_cpu_skips_inf_step():
     with dlkernels.backend("triton"):
-        params = [p.requires_grad_() for p in _initial_params(torch.float32)]
-        opt = dlkernels.optim.Adam(params, lr=1e-2)
-        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        loss = sum((p * p).sum() for p in params)
-        scaler.scale(loss).backward()
-        params[0].grad[0] = float("inf")
-        before = [p.detach().clone() for p in params]
-        scaler.step(opt)
-        scaler.update()
-        for a, b in zip(params, before):
-            torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
-        assert float(opt.state[params[0]]["step"]) == 0.0
-        assert scaler.get_scale() == 512.0
-        opt.zero_grad()
-        loss = sum((p * p).sum() for p in params)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        assert float(opt.state[params[0]]["step"]) == 1.0
-        assert not torch.equal(params[0].detach(), before[0])
+        _check_grad_scaler_skips_inf_step("cpu")
 
 
 # --- SWATS against the paper ---------------------------------------------------------------------------------------
@@ -603,25 +610,7 @@ def test_gpu_cuda_graph_capture(cls, kwargs):
 def test_gpu_grad_scaler_inf_skips_step():
     for backend in _gpu_backends():
         with dlkernels.backend(backend):
-            params = [p.requires_grad_() for p in _initial_params(torch.float32, "cuda")]
-            opt = dlkernels.optim.Adam(params, lr=1e-2)
-            scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
-            scaler.scale(sum((p * p).sum() for p in params)).backward()
-            params[0].grad[0] = float("inf")
-            before = [p.detach().clone() for p in params]
-            scaler.step(opt)
-            scaler.update()
-            for a, b in zip(params, before):
-                torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
-            assert float(opt.state[params[0]]["step"]) == 0.0
-            assert scaler.get_scale() == 512.0
-            opt.zero_grad()
-            scaler.scale(sum((p * p).sum() for p in params)).backward()
-            scaler.step(opt)
-            scaler.update()
-            # 2 p - the unscaled gradient of sum(p^2) - drives the first Adam step: -lr * sign(grad) (about).
-            expected = before[1] - 1e-2 * torch.sign(before[1])
-            torch.testing.assert_close(params[1].detach(), expected, rtol=1e-4, atol=1e-4)
+            _check_grad_scaler_skips_inf_step("cuda")
 
 
 @pytest.mark.gpu
