@@ -3,6 +3,10 @@
 - ``pytest -m gpu`` on a machine with CUDA: the GPU tests, on the real compiled kernels.
 - anything else: Triton's interpreter runs every Triton kernel on CPU tensors (``TRITON_INTERPRET=1``, set here
   before triton is first imported) and the GPU tests are skipped.
+
+Property-based tests (hypothesis) are marked ``fuzz`` and run in every run with the ``ci`` profile (a small, fixed,
+derandomized example budget that keeps ``make test`` short); ``pytest -m fuzz tests`` runs only them with the
+``fuzz`` profile (many more, random examples). ``DLKERNELS_FUZZ_EXAMPLES=N`` overrides either budget.
 """
 import os
 
@@ -12,11 +16,24 @@ import torch
 GPU_RUN = False
 
 
+def _hypothesis_profiles(markexpr: str) -> None:
+    from hypothesis import HealthCheck, settings
+
+    budget = os.environ.get("DLKERNELS_FUZZ_EXAMPLES")
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                  print_blob=True)
+    settings.register_profile("ci", max_examples=int(budget or 12), derandomize=True, **common)
+    settings.register_profile("fuzz", max_examples=int(budget or 300), **common)
+    settings.load_profile("fuzz" if markexpr == "fuzz" else "ci")
+
+
 def pytest_configure(config):
     global GPU_RUN
-    GPU_RUN = torch.cuda.is_available() and config.getoption("markexpr") == "gpu"
+    markexpr = config.getoption("markexpr")
+    GPU_RUN = torch.cuda.is_available() and markexpr == "gpu"
     if not GPU_RUN:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    _hypothesis_profiles(markexpr)
 
 
 def pytest_collection_modifyitems(config, items):
