@@ -69,7 +69,6 @@ struct Tiling {
   static constexpr bool kTensorCores = uses_tensor_cores<T>();
   static constexpr int kRows = kTensorCores ? 32 : 512 / NW;  // MC
   static constexpr int kPad = 16 / static_cast<int>(sizeof(T));  // row padding (16 bytes): conflict-free tiles
-  static constexpr int kKStep = kTensorCores ? 16 : 4;
   static_assert(kTensorCores ? (NW % 16 == 0 || NW == 8) : (NW % 4 == 0 && kRows % 4 == 0), "tile shape");
 };
 
@@ -287,6 +286,12 @@ __device__ __forceinline__ void step_product(const T* src, int batch, int k, int
   }
 }
 
+// Pulls the line holding `p` into L2: the next step's per-unit inputs (x_proj, saved gates) are read right after the
+// grid barrier, where an L2 hit is about half an HBM access.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 struct ForwardParams {
@@ -398,6 +403,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_forward_kernel(const __grid_
             a.c_all[row * H + col] = c;
           }
           if (t == steps - 1) h_n[bh] = h;
+          if (u == 0 && t + 1 < steps) {  // one prefetch per (row, gate) segment of HC units
+#pragma unroll
+            for (int g = 0; g < 4; ++g) prefetch_l2(x_proj + (row + B) * H4 + g * H + col);
+          }
         }
       }
     };
@@ -516,6 +525,12 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_backward_kernel(const __grid
             a.grad_gates[row * K + g * H + col] = d[g];
             g_here[static_cast<int64_t>(b) * K + g * H + col] = Storage<T>::store(d[g]);
           }
+          if (u == 0 && s > 0) {  // the next step's inputs, one prefetch per segment of HC units
+#pragma unroll
+            for (int g = 0; g < 4; ++g) prefetch_l2(a.gates + (row - B) * K + g * H + col);
+            prefetch_l2(a.grad_y + (row - B) * H + col);
+            if (s > 1) prefetch_l2(a.c_all + (row - 2 * B) * H + col);
+          }
         }
       }
     };
@@ -540,23 +555,27 @@ struct Kernels {
   }
 };
 
-// The largest k_chunk (a multiple of 128 dividing k, at most 1024) whose layout fits, or 0.
-template <typename Layout>
-int pick_k_chunk(int k, std::size_t max_smem, Layout layout) {
-  for (int kc = k < 1024 ? k : 1024; kc >= 128; kc -= 128) {
-    if (k % kc == 0 && layout(kc).total <= max_smem) return kc;
-  }
-  return 0;
-}
-
-// Co-resident CTAs of `kernel` with `smem` bytes on the current device (its max dynamic smem attribute set).
+// Co-resident CTAs of `kernel` with `smem` bytes on the current device.
 int coresident_blocks(const void* kernel, std::size_t smem, int sms, int* error) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
   int per_sm = 0;
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   *error = static_cast<int>(err);
   return err == cudaSuccess ? per_sm * sms : 0;
+}
+
+// The largest k_chunk (a multiple of 128 dividing k, at most 1024) with which `blocks` CTAs of `kernel` are
+// co-resident (the occupancy query also counts shared memory the system reserves per CTA), or 0. The kernel's
+// dynamic shared memory cap is raised to the device's opt-in maximum here, once per device (a per-device attribute:
+// launches then need no per-call setting that concurrent callers with other hidden sizes could race on).
+template <typename Layout>
+int pick_k_chunk(const void* kernel, int k, int blocks, std::size_t max_smem, int sms, Layout layout, int* error) {
+  *error = static_cast<int>(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_smem)));
+  for (int kc = k < 1024 ? k : 1024; kc >= 128 && *error == 0; kc -= 128) {
+    if (k % kc != 0 || layout(kc).total > max_smem) continue;
+    if (coresident_blocks(kernel, layout(kc).total, sms, error) >= blocks) return kc;
+  }
+  return 0;
 }
 
 template <typename T, int HC>
@@ -565,20 +584,18 @@ Plan try_plan(int hidden, std::size_t max_smem, int sms, int* error) {
   Plan plan;
   plan.hidden_per_block = HC;
   plan.blocks = hidden / HC;
-  plan.k_chunk_forward = pick_k_chunk(hidden, max_smem, [&](int kc) { return K::forward_smem(hidden, kc); });
-  plan.k_chunk_backward =
-      pick_k_chunk(4 * hidden, max_smem, [&](int kc) { return K::backward_smem(hidden, kc); });
+  plan.k_chunk_forward = pick_k_chunk(K::forward(), hidden, plan.blocks, max_smem, sms,
+                                      [&](int kc) { return K::forward_smem(hidden, kc); }, error);
+  if (*error != 0) return plan;
+  plan.k_chunk_backward = pick_k_chunk(K::backward(), 4 * hidden, plan.blocks, max_smem, sms,
+                                       [&](int kc) { return K::backward_smem(hidden, kc); }, error);
+  if (*error != 0) return plan;
   if (plan.k_chunk_forward == 0 || plan.k_chunk_backward == 0) {
-    plan.reason = "the weight slice does not fit in shared memory";
+    plan.reason = "the weight slices of hidden_size / 8 CTAs do not fit co-resident on this device";
     return plan;
   }
   plan.smem_forward = K::forward_smem(hidden, plan.k_chunk_forward).total;
   plan.smem_backward = K::backward_smem(hidden, plan.k_chunk_backward).total;
-  const int fwd = coresident_blocks(K::forward(), plan.smem_forward, sms, error);
-  if (*error != 0) return plan;
-  const int bwd = coresident_blocks(K::backward(), plan.smem_backward, sms, error);
-  if (*error != 0) return plan;
-  if (plan.blocks > fwd || plan.blocks > bwd) plan.reason = "more CTAs than can be co-resident";
   return plan;
 }
 
@@ -622,32 +639,24 @@ Plan compute_plan(int hidden, ScalarType dtype, int device, int* error) {
   return plan;
 }
 
+// plan_for raised the kernels' shared memory cap on this device and checked that every CTA is co-resident; a
+// cooperative launch fails (cudaErrorCooperativeLaunchTooLarge) rather than hangs if that no longer holds.
 template <typename T>
 int launch_forward(const ForwardArgs& args, const Plan& plan, Stream stream) {
   ForwardParams params{args, plan.k_chunk_forward};
-  const void* kernel = plan.hidden_per_block == 4 ? Kernels<T, 4>::forward() : Kernels<T, 8>::forward();
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.smem_forward));
   void* kernel_args[] = {&params};
-  if (err == cudaSuccess) {
-    err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), kernel_args, plan.smem_forward,
-                                      stream);
-  }
-  return static_cast<int>(err);
+  const void* kernel = plan.hidden_per_block == 4 ? Kernels<T, 4>::forward() : Kernels<T, 8>::forward();
+  return static_cast<int>(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), kernel_args,
+                                                      plan.smem_forward, stream));
 }
 
 template <typename T>
 int launch_backward(const BackwardArgs& args, const Plan& plan, Stream stream) {
   BackwardParams params{args, plan.k_chunk_backward};
-  const void* kernel = plan.hidden_per_block == 4 ? Kernels<T, 4>::backward() : Kernels<T, 8>::backward();
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.smem_backward));
   void* kernel_args[] = {&params};
-  if (err == cudaSuccess) {
-    err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), kernel_args,
-                                      plan.smem_backward, stream);
-  }
-  return static_cast<int>(err);
+  const void* kernel = plan.hidden_per_block == 4 ? Kernels<T, 4>::backward() : Kernels<T, 8>::backward();
+  return static_cast<int>(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), kernel_args,
+                                                      plan.smem_backward, stream));
 }
 
 }  // namespace
