@@ -690,6 +690,7 @@ Plan plan_for(int hidden, ScalarType dtype, int device, int* error) {
   cudaError_t err = cudaGetDevice(&current);
   if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
   if (err != cudaSuccess) {
+    cudaGetLastError();
     *error = static_cast<int>(err);
     Plan plan;
     plan.reason = "CUDA error";
@@ -697,7 +698,11 @@ Plan plan_for(int hidden, ScalarType dtype, int device, int* error) {
   }
   const Plan plan = compute_plan(hidden, dtype, device, error);
   if (current != device) cudaSetDevice(current);
-  if (*error == 0) (*cache)[key] = plan;
+  if (*error == 0) {
+    (*cache)[key] = plan;
+  } else {
+    cudaGetLastError();  // the failed query's error is reported through *error, not left for the next launch
+  }
   return plan;
 }
 
