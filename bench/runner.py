@@ -24,7 +24,18 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+def results_dir() -> Path:
+    """``$DLKERNELS_RESULTS``, else ``bench/results`` in a source checkout, else ``./dlkernels-results`` (an installed
+    wheel's package folder is no place for results)."""
+    if os.environ.get("DLKERNELS_RESULTS"):
+        return Path(os.environ["DLKERNELS_RESULTS"])
+    here = Path(__file__).resolve().parent
+    if (here.parent / "setup.py").is_file() and (here.parent / "dlkernels").is_dir():
+        return here / "results"
+    return Path.cwd() / "dlkernels-results"
+
+
+RESULTS = results_dir()
 OURS = "dlkernels"
 
 
