@@ -78,6 +78,7 @@ class FusedOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True
     _supports_sparse_grads = False
+    _sparse_name = "Adam"  # torch.optim.AdamW's message names Adam too
     # Group keys ``step`` needs that __setstate__ does not default (a state dict without them is another optimizer's).
     _required_group_keys: tuple[str, ...] = ("lr",)
     # Per-param state keys a started param must have.
@@ -130,7 +131,8 @@ class FusedOptimizer(Optimizer):
             if not params:
                 continue
             if not self._supports_sparse_grads and any(p.grad.is_sparse for p in params):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                raise RuntimeError(f"{self._sparse_name} does not support sparse gradients, please consider SparseAdam "
+                                   f"instead")
             device = params[0].device
             self._step_group(group, params, _on(grad_scale, device), _on(found_inf, device))
         return loss

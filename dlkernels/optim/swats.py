@@ -37,6 +37,7 @@ class SWATS(FusedOptimizer):
                     "fused": fused}
         super().__init__(params, defaults)
 
+    _sparse_name = "SWATS"
     _required_group_keys = ("lr", "betas", "eps", "weight_decay")
     _required_state_keys = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 
