@@ -8,6 +8,9 @@ namespace dlkernels {
 namespace optim {
 void register_optim(pybind11::module_& m);
 }  // namespace optim
+namespace lstm {
+void register_lstm(pybind11::module_& m);
+}  // namespace lstm
 }  // namespace dlkernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,4 +19,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = DLKERNELS_STRINGIFY(DLKERNELS_TORCH_VERSION);
 #endif
   dlkernels::optim::register_optim(m);
+  dlkernels::lstm::register_lstm(m);
 }
