@@ -146,12 +146,13 @@ def test_gradcheck_float64(training, relu, channels_last):
 
 def test_double_backward():
     """create_graph=True (gradient penalties) differentiates through the reference, as torch's own BN allows."""
-    x = make_input((4, 3, 5), torch.float64, seed=1, requires_grad=True)
-    w = make_input(3, torch.float64, seed=2, mean=1.0, std=0.2, requires_grad=True)
-    b = make_input(3, torch.float64, seed=3, requires_grad=True)
+    x = make_input((3, 2, 4), torch.float64, seed=1, requires_grad=True)
+    w = make_input(2, torch.float64, seed=2, mean=1.0, std=0.2, requires_grad=True)
+    b = make_input(2, torch.float64, seed=3, requires_grad=True)
     with dlkernels.backend("triton"), pytest.warns(UserWarning, match="double backward"):
         assert torch.autograd.gradgradcheck(
-            lambda x, w, b: dlkernels.ops.batch_norm(x, None, None, w, b, True, activation="relu"), (x, w, b)
+            lambda x, w, b: dlkernels.ops.batch_norm(x, None, None, w, b, True, activation="relu"), (x, w, b),
+            fast_mode=True,
         )
 
 
@@ -307,3 +308,344 @@ class TestBadInput:
     def test_bad_activation(self):
         with pytest.raises(ValueError, match="activation"):
             dlkernels.ops.batch_norm(make_input((2, 3)), None, None, training=True, activation="tanh")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 7: strided per-channel tensors, NaN/Inf as torch, torch's errors before any mutation, drop-in arguments.
+
+BACKENDS = ["reference", "triton"]
+
+
+def _strided(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """``values`` (C,) as a tensor of the given memory kind, holding the same values."""
+    c = values.numel()
+    if kind == "contiguous":
+        return values.clone()
+    if kind == "sliced":  # every other element of a 2C buffer
+        buf = torch.full((2 * c,), -7.0, dtype=values.dtype)
+        buf[::2] = values
+        return buf[::2]
+    if kind == "column":  # a column of a (C, 2) buffer
+        buf = torch.full((c, 2), -7.0, dtype=values.dtype)
+        buf[:, 1] = values
+        return buf[:, 1]
+    if kind == "expanded":  # stride 0: one value for every channel
+        return values[:1].clone().expand(c)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["sliced", "column", "expanded"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_strided_per_channel_tensors(backend, training, kind, channels_last):
+    """Sliced, column and (read-only) expanded weight, bias and running statistics give torch's outputs and
+    gradients, and the running statistics are updated in the caller's tensor, in the right slots only."""
+    c = 4
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = make_input((3, c, 2, 3), seed=1, mean=0.5, memory_format=fmt)
+    values = dict(w=make_input(c, seed=2, mean=1.0, std=0.3), b=make_input(c, seed=3),
+                  rm=make_input(c, seed=4), rv=make_input(c, seed=5).abs() + 0.5)
+    stat_kind = "sliced" if kind == "expanded" and training else kind  # expanded stats are refused in training
+    ours = dict(w=_strided(values["w"], kind), b=_strided(values["b"], kind),
+                rm=_strided(values["rm"], stat_kind), rv=_strided(values["rv"], stat_kind))
+    theirs = {k: _strided(v, kind if k in "wb" else stat_kind).contiguous() for k, v in values.items()}
+    bases = [t._base for t in (ours["rm"], ours["rv"])]
+    before = [b.clone() for b in bases]
+    ours["w"].requires_grad_(), ours["b"].requires_grad_()
+    theirs["w"].requires_grad_(), theirs["b"].requires_grad_()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    g = make_input(x.shape, seed=6, memory_format=fmt)
+    with dlkernels.backend(backend):
+        y = dlkernels.ops.batch_norm(xs[0], ours["rm"], ours["rv"], ours["w"], ours["b"], training, 0.3)
+        y.backward(g)
+    y_ref = torch.nn.functional.batch_norm(xs[1], theirs["rm"], theirs["rv"], theirs["w"], theirs["b"], training, 0.3)
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    if kind != "expanded":  # an expanded parameter's gradient is summed over its channels by autograd
+        torch.testing.assert_close(ours["w"].grad, theirs["w"].grad)
+        torch.testing.assert_close(ours["b"].grad, theirs["b"].grad)
+    for name in ("rm", "rv"):
+        torch.testing.assert_close(ours[name], theirs[name], msg=f"{name} not updated in the caller's tensor")
+    for base, old, view in zip(bases, before, (ours["rm"], ours["rv"])):
+        untouched = torch.ones_like(base, dtype=torch.bool)
+        untouched.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(False)
+        assert torch.equal(base[untouched], old[untouched]), "wrote outside the running statistics' slots"
+
+
+def _pattern(t: torch.Tensor) -> torch.Tensor:
+    """Where a tensor is NaN (2), +inf (1), -inf (-1) or finite (0)."""
+    t = t.detach().double()
+    return torch.where(t.isnan(), 2, torch.where(t.isposinf(), 1, torch.where(t.isneginf(), -1, 0)))
+
+
+NONFINITE = [("x_first", "nan"), ("x_first", "inf"), ("x_later", "inf"), ("x_later", "-inf"), ("x_both", "inf"),
+             ("running_mean", "inf"), ("running_mean", "nan"), ("running_var", "inf"), ("running_var", "nan"),
+             ("running_var", "-inf"), ("bias", "inf"), ("weight", "nan")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where,value", NONFINITE, ids=lambda v: str(v))
+@pytest.mark.parametrize("training,relu", [(True, False), (True, True), (False, True)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 3, 5), (6, 3)], ids=str)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_and_inf_propagate_as_in_torch(backend, where, value, training, relu, shape):
+    """The same NaN/+inf/-inf pattern as torch in the output, running statistics and every gradient; finite values
+    as torch's. (An inf in the first tile used to make the center inf and every output NaN, tl.maximum dropped NaN
+    from the variance and from the fused ReLU, and +inf gave -inf outputs.)"""
+    v = float(value)
+    x = make_input(shape, seed=1)
+    rm, rv = make_input(3, seed=2), make_input(3, seed=3).abs() + 0.5
+    w, b = make_input(3, seed=4, mean=1.0, std=0.3), make_input(3, seed=5)
+    if where.startswith("x"):
+        x[(0, 1) if len(shape) == 2 else (0, 1, 0)] = v  # sample 0: the tile the kernels center on
+        if where != "x_first":
+            x[(-1, 1) if len(shape) == 2 else (-1, 1, -1)] = v
+    else:
+        dict(running_mean=rm, running_var=rv, weight=w, bias=b)[where][1] = v
+    grad = make_input(shape, seed=6)
+    results = []
+    for impl in ("torch", backend):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        rmi, rvi = rm.clone(), rv.clone()
+        if impl == "torch":
+            y = torch.nn.functional.batch_norm(xi, rmi, rvi, wi, bi, training, 0.1)
+            y = torch.relu(y) if relu else y
+            y.backward(grad)
+        else:
+            with dlkernels.backend(impl):
+                y = dlkernels.ops.batch_norm(xi, rmi, rvi, wi, bi, training, 0.1, activation="relu" if relu else None)
+                y.backward(grad)
+        results.append(dict(output=y, running_mean=rmi, running_var=rvi, grad_input=xi.grad, grad_weight=wi.grad,
+                            grad_bias=bi.grad))
+    expected, got = results
+    for name in expected:
+        assert torch.equal(_pattern(got[name]), _pattern(expected[name])), (
+            f"{name}: NaN/inf pattern {_pattern(got[name]).flatten().tolist()} != torch's "
+            f"{_pattern(expected[name]).flatten().tolist()}"
+        )
+        torch.testing.assert_close(got[name], expected[name], equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def _x(shape=(4, 3, 5), dtype=torch.float32, device="cpu"):
+    return make_input(shape, dtype, seed=1).to(device)
+
+
+def _stats(c=3, dtype=torch.float32, device="cpu"):
+    return [make_input(c, dtype, seed=2).to(device), (make_input(c, seed=3).abs() + 0.5).to(dtype).to(device)]
+
+
+def _params(c=3, dtype=torch.float32):
+    return [make_input(c, dtype, seed=4, mean=1.0, std=0.3), make_input(c, dtype, seed=5)]
+
+
+TORCH = "torch's error"  # torch raises this exception type, and so must we
+OURS = "dlkernels error"  # torch's error is unhelpful or absent: ours, with a message naming the argument
+RESULT = "torch's result"
+
+# (id, arguments of F.batch_norm as a function of nothing (fresh tensors each call), expectation, exception, match)
+FUNCTIONAL_CASES = [
+    ("input_a_list", lambda: ([[1.0, 2.0]], None, None, None, None, True), OURS, TypeError, "input"),
+    ("input_1d", lambda: (torch.randn(5), torch.zeros(5), torch.ones(5)), OURS, ValueError, "input"),
+    ("input_0d", lambda: (torch.tensor(1.0), None, None, None, None, True), OURS, ValueError, "input"),
+    ("input_int64", lambda: (torch.ones(4, 3, dtype=torch.long), *_stats()), TORCH, NotImplementedError, "dtype"),
+    ("input_bool", lambda: (torch.ones(4, 3, dtype=torch.bool), None, None, None, None, True), TORCH,
+     NotImplementedError, "dtype"),
+    ("input_complex", lambda: (torch.ones(4, 3, dtype=torch.cfloat), None, None, None, None, True), TORCH,
+     NotImplementedError, "dtype"),
+    ("weight_4_elements", lambda: (_x(), None, None, torch.ones(4), None, True), TORCH, RuntimeError, "weight"),
+    ("bias_4_elements", lambda: (_x(), None, None, None, torch.ones(4), True), TORCH, RuntimeError, "bias"),
+    ("running_mean_4_elements", lambda: (_x(), torch.zeros(4), torch.ones(3), None, None, True), TORCH,
+     RuntimeError, "running_mean"),
+    ("running_var_4_elements_eval", lambda: (_x(), torch.zeros(3), torch.ones(4)), TORCH, RuntimeError,
+     "running_var"),
+    ("running_mean_2d", lambda: (_x(), torch.zeros(1, 3), torch.ones(1, 3), None, None, True), TORCH, RuntimeError,
+     "running_mean"),
+    ("weight_float64", lambda: (_x(), None, None, torch.ones(3, dtype=torch.float64), None, True), TORCH,
+     RuntimeError, "weight"),
+    ("running_mean_float16", lambda: (_x(), torch.zeros(3, dtype=torch.half), torch.ones(3)), TORCH, RuntimeError,
+     "running_mean"),
+    ("bf16_weight_fp32_stats", lambda: (_x(dtype=torch.bfloat16), *_stats(), *_params(dtype=torch.bfloat16), True),
+     TORCH, RuntimeError, "mixed dtype"),
+    ("float64_input_fp32_weight", lambda: (_x(dtype=torch.float64), None, None, torch.ones(3), None, True), TORCH,
+     RuntimeError, "weight"),
+    ("bf16_input_fp32_params", lambda: (_x(dtype=torch.bfloat16), *_stats(), *_params(), True), RESULT, None, None),
+    ("fp16_input_fp16_params_eval", lambda: (_x(dtype=torch.half), *_stats(dtype=torch.half),
+                                             *_params(dtype=torch.half), False), RESULT, None, None),
+    ("running_mean_on_meta", lambda: (_x(), torch.zeros(3, device="meta"), torch.ones(3), None, None, True), TORCH,
+     RuntimeError, "running_mean"),
+    ("input_on_meta_params_on_cpu", lambda: (_x(device="meta"), *_stats(), *_params(), True), TORCH, RuntimeError,
+     "meta"),
+    ("everything_on_meta", lambda: (_x(device="meta"), *_stats(device="meta"), None, None, True), RESULT, None,
+     None),
+    ("one_value_per_channel", lambda: (_x((1, 3)), None, None, None, None, True), TORCH, ValueError,
+     "more than 1 value"),
+    ("one_value_per_channel_3d", lambda: (_x((1, 3, 1)), None, None, None, None, True), TORCH, ValueError,
+     "more than 1 value"),
+    ("no_channels_one_sample", lambda: (_x((1, 0)), None, None, None, None, True), TORCH, ValueError,
+     "more than 1 value"),
+    ("one_value_per_channel_eval", lambda: (_x((1, 3)), *_stats()), RESULT, None, None),
+    ("eps_0_training", lambda: (_x(), *_stats(), None, None, True, 0.1, 0.0), TORCH, ValueError, "eps"),
+    ("eps_negative_training", lambda: (_x(), None, None, None, None, True, 0.1, -1e-5), TORCH, ValueError, "eps"),
+    ("eps_negative_eval", lambda: (_x(), *_stats(), None, None, False, 0.1, -1e-5), TORCH, ValueError, "eps"),
+    ("eps_0_eval", lambda: (_x(), *_stats(), None, None, False, 0.1, 0.0), RESULT, None, None),
+    ("eps_nan", lambda: (_x(), *_stats(), None, None, True, 0.1, float("nan")), RESULT, None, None),
+    ("eps_0d_tensor", lambda: (_x(), *_stats(), None, None, True, 0.1, torch.tensor(1e-3)), RESULT, None, None),
+    ("eps_1d_tensor", lambda: (_x(), *_stats(), None, None, True, 0.1, torch.tensor([1e-3])), TORCH, TypeError,
+     "eps"),
+    ("eps_none", lambda: (_x(), *_stats(), None, None, True, 0.1, None), TORCH, TypeError, ""),
+    ("momentum_0d_tensor", lambda: (_x(), *_stats(), *_params(), True, torch.tensor(0.4)), RESULT, None, None),
+    ("momentum_1d_tensor", lambda: (_x(), *_stats(), None, None, True, torch.tensor([0.4])), TORCH, TypeError,
+     "momentum"),
+    ("momentum_none", lambda: (_x(), *_stats(), None, None, True, None), TORCH, TypeError, "momentum"),
+    ("momentum_a_string", lambda: (_x(), *_stats(), None, None, True, "0.1"), TORCH, TypeError, "momentum"),
+    ("momentum_nan", lambda: (_x(), *_stats(), None, None, True, float("nan")), RESULT, None, None),
+    ("momentum_int_1", lambda: (_x(), *_stats(), None, None, True, 1), RESULT, None, None),
+    ("training_none", lambda: (_x(), *_stats(), None, None, None), TORCH, TypeError, "training"),
+    ("training_int", lambda: (_x(), *_stats(), None, None, 1), TORCH, TypeError, "training"),
+    ("running_mean_without_var_training", lambda: (_x(), torch.zeros(3), None, None, None, True), TORCH, ValueError,
+     "running_mean and running_var"),
+    ("running_var_without_mean_eval", lambda: (_x(), None, torch.ones(3)), TORCH, RuntimeError, "running_mean"),
+    ("no_running_stats_eval", lambda: (_x(), None, None), TORCH, RuntimeError, "running_mean"),
+    ("running_mean_requires_grad", lambda: (_x(), torch.zeros(3, requires_grad=True), torch.ones(3), None, None,
+                                            True), TORCH, RuntimeError, "running_mean"),
+    ("weight_1_by_c", lambda: (_x(), *_stats(), torch.ones(1, 3), torch.zeros(1, 3), True), RESULT, None, None),
+    ("weight_c_by_1", lambda: (_x(), *_stats(), torch.ones(3, 1), None, True), RESULT, None, None),
+    ("weight_expanded", lambda: (_x(), *_stats(), torch.tensor([1.5]).expand(3), None, True), RESULT, None, None),
+    ("running_stats_expanded_eval", lambda: (_x(), torch.tensor([0.3]).expand(3), torch.tensor([2.0]).expand(3)),
+     RESULT, None, None),
+    # torch's in-place update of a stride-0 statistic keeps whichever channel's thread writes last.
+    ("running_mean_expanded_training", lambda: (_x(), torch.zeros(1).expand(3), torch.ones(3), None, None, True),
+     OURS, RuntimeError, "running_mean is expanded"),
+    ("empty_batch", lambda: (_x((0, 3, 4)), *_stats(), *_params(), True), RESULT, None, None),
+    ("no_channels", lambda: (_x((2, 0, 4)), torch.zeros(0), torch.ones(0), None, None, True), RESULT, None, None),
+    ("channels_last_strided_input", lambda: (_x((4, 6, 3, 2)).to(memory_format=torch.channels_last)[:, ::2],
+                                             *_stats(), *_params(), True), RESULT, None, None),
+    ("expanded_input", lambda: (_x((1, 3, 1)).expand(4, 3, 5), *_stats(), *_params(), True), RESULT, None, None),
+]
+
+
+def _call(fn, args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def _compare_results(ours, theirs, args_ours, args_theirs):
+    assert ours.device == theirs.device and ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    if ours.device.type != "meta":
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        for a, b in zip(args_ours, args_theirs):  # running statistics, updated in place
+            if isinstance(a, torch.Tensor) and a.device.type != "meta":
+                torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=[c[0] for c in FUNCTIONAL_CASES])
+def test_bad_input_matrix_functional(case, backend):
+    """Every case's class is checked: torch's own exception type (and torch must raise it too), a dlkernels error
+    naming the argument, or torch's result; a refused call leaves the running statistics as they were."""
+    name, make_args, expect, exc, match = case
+    torch_args, our_args = make_args(), make_args()
+    snapshot = [a.clone() if isinstance(a, torch.Tensor) and a.device.type != "meta" else a for a in our_args]
+    if expect == TORCH:
+        with pytest.raises(exc):
+            torch.nn.functional.batch_norm(*torch_args)
+    if expect == RESULT:
+        theirs = torch.nn.functional.batch_norm(*torch_args)
+    with dlkernels.backend(backend):
+        if expect == RESULT:
+            _compare_results(dlkernels.ops.batch_norm(*our_args), theirs, our_args, torch_args)
+            return
+        with pytest.raises(exc, match=match):
+            dlkernels.ops.batch_norm(*our_args)
+    for before, after in zip(snapshot, our_args):
+        if isinstance(before, torch.Tensor) and before.device.type != "meta":
+            assert torch.equal(before, after), "a refused call changed an argument"
+
+
+def _module_pair(cls_name, *args, **kwargs):
+    ours = getattr(dlkernels.nn, cls_name)(*args, **kwargs)
+    theirs = getattr(torch.nn, cls_name)(*args, **kwargs)
+    return ours, theirs
+
+
+MODULE_CASES = [
+    ("bn2d_on_3d_input", lambda: (_module_pair("BatchNorm2d", 3), _x()), TORCH, ValueError, "4D"),
+    ("bn1d_on_4d_input", lambda: (_module_pair("BatchNorm1d", 3), _x((2, 3, 4, 4))), TORCH, ValueError, "2D or 3D"),
+    ("bn3d_on_4d_input", lambda: (_module_pair("BatchNorm3d", 3), _x((2, 3, 4, 4))), TORCH, ValueError, "5D"),
+    ("num_features_mismatch", lambda: (_module_pair("BatchNorm2d", 4), _x((2, 3, 4, 4))), TORCH, RuntimeError,
+     "should contain 3 elements not 4"),
+    ("float64_module_float32_input", lambda: (_module_pair("BatchNorm2d", 3, dtype=torch.float64),
+                                              _x((2, 3, 4, 4))), TORCH, RuntimeError, "mixed dtype"),
+    ("int_input", lambda: (_module_pair("BatchNorm1d", 3), torch.ones(4, 3, dtype=torch.long)), TORCH,
+     NotImplementedError, "dtype"),
+    ("eps_0_training", lambda: (_module_pair("BatchNorm2d", 3, eps=0.0), _x((2, 3, 4, 4))), TORCH, ValueError,
+     "eps"),
+    ("one_value_per_channel", lambda: (_module_pair("BatchNorm1d", 3), _x((1, 3))), TORCH, ValueError,
+     "more than 1 value"),
+    ("module_on_meta_input_on_cpu", lambda: (_module_pair("BatchNorm2d", 3, device="meta"), _x((2, 3, 4, 4))),
+     TORCH, RuntimeError, "meta"),
+    ("module_and_input_on_meta", lambda: (_module_pair("BatchNorm2d", 3, device="meta"),
+                                          _x((2, 3, 4, 4), device="meta")), RESULT, None, None),
+    ("bias_false", lambda: (_module_pair("BatchNorm2d", 3, bias=False), _x((2, 3, 4, 4))), RESULT, None, None),
+    ("affine_false_bias_false", lambda: (_module_pair("BatchNorm1d", 3, affine=False, bias=False), _x()), RESULT,
+     None, None),
+    ("momentum_0d_tensor", lambda: (_module_pair("BatchNorm3d", 3, momentum=torch.tensor(0.3)),
+                                    _x((2, 3, 2, 2, 3))), RESULT, None, None),
+    ("momentum_none", lambda: (_module_pair("BatchNorm1d", 3, momentum=None), _x()), RESULT, None, None),
+    ("not_tracking", lambda: (_module_pair("BatchNorm2d", 3, track_running_stats=False), _x((2, 3, 4, 4))), RESULT,
+     None, None),
+    ("channels_last_3d", lambda: (_module_pair("BatchNorm3d", 3),
+                                  _x((2, 3, 2, 2, 3)).to(memory_format=torch.channels_last_3d)), RESULT, None, None),
+    ("empty_batch", lambda: (_module_pair("BatchNorm2d", 3), _x((0, 3, 2, 2))), RESULT, None, None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
+def test_bad_input_matrix_modules(case, training, backend):
+    """The drop-in modules: torch's exception types, or torch's outputs, running statistics and batch count; a
+    refused call changes no buffer (torch counts the batch before failing; validating first is deliberate)."""
+    name, make, expect, exc, match = case
+    (ours, theirs), x = make()
+    if not training and name in ("eps_0_training", "one_value_per_channel"):
+        expect = RESULT  # fine in eval
+    ours.load_state_dict(theirs.state_dict()) if x.device.type != "meta" else None
+    ours.train(training), theirs.train(training)
+    buffers = {k: v.clone() for k, v in ours.state_dict().items()}
+    if expect == TORCH:
+        with pytest.raises(exc):
+            theirs(x)
+        with dlkernels.backend(backend), pytest.raises(exc, match=match):
+            ours(x)
+        for k, v in ours.state_dict().items():
+            assert v.device.type == "meta" or torch.equal(v, buffers[k]), f"a refused call changed {k}"
+        return
+    for _ in range(2):
+        y_theirs = theirs(x)
+        with dlkernels.backend(backend):
+            y_ours = ours(x)
+        _compare_results(y_ours, y_theirs, [], [])
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert a.device == b.device and a.dtype == b.dtype, k
+        if a.device.type != "meta":
+            torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_signatures_match_torch(name):
+    """Every constructor and forward argument of the installed torch's module, with its default and kind, so a new
+    torch argument cannot slip by; only ``activation`` (keyword-only) is added."""
+    import inspect
+
+    ours, theirs = getattr(dlkernels.nn, name), getattr(torch.nn, name)
+    ours_init = dict(inspect.signature(ours.__init__).parameters)
+    assert ours_init.pop("activation").kind is inspect.Parameter.KEYWORD_ONLY
+    theirs_init = dict(inspect.signature(theirs.__init__).parameters)
+    assert [(p.name, p.kind, p.default) for p in ours_init.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs_init.values()]
+    assert list(inspect.signature(ours.forward).parameters) == list(inspect.signature(theirs.forward).parameters)
+    assert list(inspect.signature(dlkernels.ops.batch_norm).parameters)[:8] == \
+        list(inspect.signature(torch.nn.functional.batch_norm).parameters)
