@@ -1,6 +1,7 @@
 """Batch norm: the Triton kernels (interpreter on CPU) against torch.nn.BatchNorm*, values, running statistics and
 gradients, each measured against a float64 reference and held to 2x eager PyTorch's own error."""
 import copy
+import math
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         if module.weight is not None:
             module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-            module.bias.copy_(torch.randn(module.num_features, generator=gen))
+            bias = torch.randn(module.num_features, generator=gen)
+            if module.bias is not None:
+                module.bias.copy_(bias)
         if module.running_mean is not None:
             module.running_mean.copy_(torch.randn(module.num_features, generator=gen))
             module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
@@ -649,3 +652,213 @@ def test_signatures_match_torch(name):
     assert list(inspect.signature(ours.forward).parameters) == list(inspect.signature(theirs.forward).parameters)
     assert list(inspect.signature(dlkernels.ops.batch_norm).parameters)[:8] == \
         list(inspect.signature(torch.nn.functional.batch_norm).parameters)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property tests (hypothesis; `pytest -m fuzz` runs the long profile): shapes, layouts and strides of every
+# argument, dtypes, NaN/inf placement and option combinations against float64 torch, by the tolerance rule.
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in another memory layout (the kernels must not care)."""
+    if layout == "channels_last" and x.dim() in (4, 5):
+        return x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
+    if layout == "permuted" and x.dim() >= 3:  # dense, but neither NC... nor channels-last
+        return x.transpose(-1, 0).contiguous().transpose(-1, 0)
+    if layout == "sliced":  # every other element of the last dim of a twice-as-wide buffer
+        buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        buf[..., ::2] = x
+        return buf[..., ::2]
+    return x.clone()
+
+
+def _check_nonfinite_aware(name, ours, ref, eager, terms):
+    """NaN/inf exactly where eager torch has them; every finite entry within the tolerance rule of float64."""
+    expected = _pattern(eager)
+    assert torch.equal(_pattern(ours), expected), f"{name}: NaN/inf pattern differs from torch's"
+    finite = expected == 0
+    if finite.any():
+        assert_close(ours.detach()[finite], ref.detach()[finite], eager.detach()[finite], terms=terms, name=name)
+
+
+@st.composite
+def _functional_cases(draw):
+    dims = draw(st.integers(2, 5))
+    shape = [draw(st.integers(1, 4)), draw(st.integers(1, 5))] + [draw(st.integers(1, 3)) for _ in range(dims - 2)]
+    training = draw(st.booleans())
+    if training and math.prod([shape[0], *shape[2:]]) == 1:
+        shape[0] = 2
+    numel = math.prod(shape)
+    kinds = ["contiguous", "sliced", "column", "expanded"]
+    return dict(
+        shape=tuple(shape), training=training,
+        dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "permuted", "sliced"])),
+        affine=draw(st.booleans()), with_bias=draw(st.booleans()), with_running=draw(st.booleans()) or not training,
+        momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.6, "tensor"])), relu=draw(st.booleans()),
+        kinds={k: draw(st.sampled_from(kinds if k in "wb" or not training else kinds[:3]))
+               for k in ("w", "b", "rm", "rv")},
+        nonfinite=draw(st.sampled_from([None, None, None, "nan", "inf", "-inf"])),
+        position=draw(st.integers(0, numel - 1)), seed=draw(st.integers(0, 2**16)),
+        mean=draw(st.sampled_from([0.0, 0.0, 3.0, -50.0])),
+    )
+
+
+@pytest.mark.fuzz
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@given(case=_functional_cases())
+def test_property_functional_matches_float64_torch(case):
+    """ops.batch_norm (Triton backend) vs torch's F.batch_norm in float64 (values) and in the same dtype (error bar,
+    NaN/inf pattern): outputs, running statistics and the gradients of input, weight and bias."""
+    shape, training, dtype, c = case["shape"], case["training"], case["dtype"], case["shape"][1]
+    x64 = make_input(shape, torch.float64, seed=case["seed"], mean=case["mean"])
+    if case["nonfinite"] is not None:
+        x64.view(-1)[case["position"]] = float(case["nonfinite"])
+    grad64 = make_input(shape, torch.float64, seed=case["seed"] + 1)
+    per_channel = dict(w=make_input(c, torch.float64, seed=case["seed"] + 2, mean=1.0, std=0.3),
+                       b=make_input(c, torch.float64, seed=case["seed"] + 3),
+                       rm=make_input(c, torch.float64, seed=case["seed"] + 4),
+                       rv=make_input(c, torch.float64, seed=case["seed"] + 5).abs() + 0.5)
+    if not case["affine"]:
+        per_channel.pop("w")
+    if not case["with_bias"]:
+        per_channel.pop("b")
+    if not case["with_running"]:
+        per_channel.pop("rm"), per_channel.pop("rv")
+    momentum = torch.tensor(0.3) if case["momentum"] == "tensor" else case["momentum"]
+    param_dtype = torch.float32 if dtype != torch.float32 else dtype
+    runs = {}
+    for impl, x_dtype, p_dtype in (("ours", dtype, param_dtype), ("eager", dtype, param_dtype),
+                                   ("ref", torch.float64, torch.float64)):
+        x = _layout(x64.to(x_dtype), case["layout"] if impl == "ours" else "contiguous").requires_grad_()
+        t = {k: v.to(p_dtype) for k, v in per_channel.items()}
+        t = {k: _strided(v, case["kinds"][k]) for k, v in t.items()}  # expanded: one value for every channel
+        if impl != "ours":
+            t = {k: v.contiguous() for k, v in t.items()}
+        for k in ("w", "b"):
+            if k in t:
+                t[k].requires_grad_()
+        args = (x, t.get("rm"), t.get("rv"), t.get("w"), t.get("b"), training, momentum)
+        if impl == "ours":
+            with dlkernels.backend("triton"):
+                y = dlkernels.ops.batch_norm(*args, activation="relu" if case["relu"] else None)
+                y.backward(grad64.to(x_dtype))
+        else:
+            y = torch.nn.functional.batch_norm(*args)
+            y = torch.relu(y) if case["relu"] else y
+            y.backward(grad64.to(x_dtype))
+        runs[impl] = dict(output=y, grad_input=x.grad, **{f"grad_{k}": t[k].grad for k in ("w", "b") if k in t},
+                          **{k: t[k] for k in ("rm", "rv") if k in t})
+    terms = math.prod(shape) // c
+    for name in runs["ref"]:
+        stat_terms = terms if training or name.startswith("grad_") and name != "grad_input" else 1
+        _check_nonfinite_aware(name, runs["ours"][name], runs["ref"][name], runs["eager"][name], stat_terms)
+
+
+@st.composite
+def _module_cases(draw):
+    dims = draw(st.integers(2, 5))
+    shape = [draw(st.integers(2, 4)), draw(st.integers(1, 4))] + [draw(st.integers(1, 3)) for _ in range(dims - 2)]
+    return dict(
+        shape=tuple(shape), dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
+        channels_last=draw(st.booleans()) and dims >= 4, affine=draw(st.booleans()), bias=draw(st.booleans()),
+        track=draw(st.booleans()), momentum=draw(st.sampled_from([None, 0.1, 0.5, "tensor"])),
+        relu=draw(st.booleans()), modes=draw(st.sampled_from([(True, True), (True, False), (False, True)])),
+    )
+
+
+@pytest.mark.fuzz
+@given(case=_module_cases())
+def test_property_modules_match_float64_torch(case):
+    """The drop-in modules over option combinations (affine, bias, track_running_stats, momentum None/float/0-d
+    tensor, fused ReLU, train/eval sequences) against torch's modules in float64, by the tolerance rule."""
+    momentum = torch.tensor(0.4) if case["momentum"] == "tensor" else case["momentum"]
+    dtype, shape = case["dtype"], case["shape"]
+    kwargs = dict(affine=case["affine"], track_running_stats=case["track"], momentum=momentum, bias=case["bias"])
+    c = shape[1]
+    ours = OURS_BN[len(shape)](c, activation="relu" if case["relu"] else None, **kwargs)
+    eager, ref = TORCH_BN[len(shape)](c, **kwargs), TORCH_BN[len(shape)](c, **kwargs).double()
+    for m in (ours, eager, ref):
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) + 0.5)
+    fmt = CHANNELS_LAST[len(shape)] if case["channels_last"] else torch.contiguous_format
+    for step, training in enumerate(case["modes"]):
+        x = make_input(shape, dtype, seed=step, memory_format=fmt)
+        g = make_input(shape, dtype, seed=10 + step, memory_format=fmt)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
+        outs = []
+        for m, xi in zip((ours, eager, ref), xs):
+            m.train(training)
+            m.zero_grad()
+            with dlkernels.backend("triton"):
+                y = m(xi)
+            y = torch.relu(y) if case["relu"] and m is not ours else y
+            y.backward(g.to(y.dtype))
+            outs.append(y)
+        batch_stats = training or not case["track"]
+        terms = x.numel() // c
+        assert_close(outs[0], outs[2], outs[1], terms=terms if batch_stats else 1, name=f"step {step} output")
+        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, terms=terms if batch_stats else 1, name="grad_input")
+        for name, p in ours.named_parameters():
+            assert_close(p.grad, dict(ref.named_parameters())[name].grad, dict(eager.named_parameters())[name].grad,
+                         terms=terms, name=f"grad {name}")
+        for name, buf in ours.named_buffers():
+            if name == "num_batches_tracked":
+                assert int(buf) == int(eager.num_batches_tracked)
+            else:
+                assert_close(buf, dict(ref.named_buffers())[name], dict(eager.named_buffers())[name], terms=terms,
+                             name=name)
+
+
+def _module_db_inputs():
+    from torch.testing._internal.common_modules import module_db
+
+    cases = []
+    for info in module_db:
+        if info.module_cls in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
+            inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True, training=True)
+            cases += [pytest.param(info.module_cls, i, id=f"{info.module_cls.__name__}-{i.desc or 'default'}")
+                      for i in inputs]
+    return cases
+
+
+@pytest.mark.parametrize("cls,module_input", _module_db_inputs())
+def test_pytorch_module_db_inputs(cls, module_input):
+    """PyTorch's own test inputs for BatchNorm1d/2d/3d (common_modules.module_db): the drop-in (Triton backend)
+    against torch's module in float64 and float32, for outputs, every gradient, running statistics and the batch
+    count, over a training step and then an eval step."""
+    ctor, fwd = module_input.constructor_input, module_input.forward_input
+    ours = getattr(dlkernels.nn, cls.__name__)(*ctor.args, **ctor.kwargs)
+    eager = cls(*ctor.args, **ctor.kwargs)
+    ref = cls(*ctor.args, **ctor.kwargs).double()
+    for m in (ours, eager, ref):
+        _randomize(m, seed=5)
+    x = fwd.args[0].detach()
+    for step, training in enumerate((True, False)):
+        for m in (ours, eager, ref):
+            m.train(training)
+        x_step = x + step
+        xs = [x_step.clone().requires_grad_(), x_step.clone().requires_grad_(), x_step.double().requires_grad_()]
+        g = make_input(x.shape, seed=step)
+        with dlkernels.backend("triton"):
+            y = ours(xs[0])
+            y.backward(g)
+        outs = [y]
+        for m, xi in ((eager, xs[1]), (ref, xs[2])):
+            outs.append(m(xi))
+            outs[-1].backward(g.to(xi.dtype))
+        terms = max(1, x.numel() // max(1, x.shape[1]))
+        batch = training or not ours.track_running_stats
+        assert_close(outs[0], outs[2], outs[1], terms=terms if batch else 1, name="output")
+        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, terms=terms if batch else 1, name="grad_input")
+        for (name, p), p_eager, p_ref in zip(ours.named_parameters(), eager.parameters(), ref.parameters()):
+            assert_close(p.grad, p_ref.grad, p_eager.grad, terms=terms, name=f"grad {name}")
+        for (name, b), b_eager, b_ref in zip(ours.named_buffers(), eager.buffers(), ref.buffers()):
+            if name == "num_batches_tracked":
+                assert int(b) == int(b_eager)
+            else:
+                assert_close(b, b_ref, b_eager, terms=terms, name=name)
