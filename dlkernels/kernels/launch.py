@@ -31,11 +31,15 @@ def gpu_launch_config(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("DLKERNELS_GPU_LAUNCH_CONFIG") == "1"
 
 
+GPU_SM_COUNT = 132  # H100 SXM / H200: the grids the GPU launch configuration is recorded with
+
+
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a fixed 8 on CPU under the interpreter, to keep grids small)."""
+    """Streaming multiprocessors of ``device``; on CPU a fixed 8 under the interpreter (small grids), or an H100/H200's
+    132 with the GPU launch configuration (so recorded launches have the GPU's grids)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return GPU_SM_COUNT if gpu_launch_config(device) else 8
 
 
 def resident_programs(num_warps: int, registers: int) -> int:
