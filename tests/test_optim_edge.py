@@ -143,7 +143,7 @@ def test_sgd_inf_grad_does_not_spread_nan(backend):
     assert not torch.isnan(results[0][0]).any()
 
 
-# --- duplicates, meta, state dicts -------------------------------------------------------------------------------------
+# --- duplicates, meta, state dicts ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -449,7 +449,7 @@ def test_bad_input_matrix(family, case):
         assert match.lower() in str(error).lower(), str(error)
 
 
-# --- PyTorch's own optimizer test inputs -------------------------------------------------------------------------------
+# --- PyTorch's own optimizer test inputs ------------------------------------------------------------------------------
 
 
 def _optim_db():
