@@ -577,3 +577,52 @@ def test_property_matches_torch_for_loop(family, shapes, dtype, adam, sgd, strid
         runs[name] = params
     for i, (a, e, r) in enumerate(zip(runs["ours"], runs["eager"], runs["reference"])):
         _assert_same_pattern_and_close(a, e, r, f"param[{i}]")
+
+
+# --- Triton: one launch per group ----------------------------------------------------------------------------------
+
+
+def _count_launches(monkeypatch) -> dict:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts: dict = {}
+    original_run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    return counts
+
+
+@pytest.mark.parametrize("cls, kwargs, kernel", [
+    (dlkernels.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True), "_adam_kernel"),
+    (dlkernels.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True), "_sgd_kernel"),
+], ids=["adam", "sgd"])
+def test_triton_one_launch_per_dtype_and_alignment_bucket(cls, kwargs, kernel, monkeypatch):
+    """A group of 7 tensors: fp32 ones (aligned, and unaligned views into a flat buffer), bf16 ones and an empty one;
+    one launch per (dtypes, alignment) bucket, the same results as torch's for-loop optimizer."""
+    def make_params():
+        flat = make_input((200,), seed=9)
+        return [make_input((130,), seed=1), make_input((3, 7), seed=2), flat[1:66], flat[67:80].view(13),
+                make_input((70,), torch.bfloat16, seed=3), make_input((5,), torch.bfloat16, seed=4), torch.zeros(0)]
+
+    ours_params, torch_params = make_params(), make_params()
+    counts = _count_launches(monkeypatch)
+    with dlkernels.backend("triton"):
+        opt = cls(ours_params, **kwargs)
+        for k in range(3):
+            for p, g in zip(ours_params, _grads(ours_params, k)):
+                p.grad = g
+            opt.step()
+    assert counts[kernel] == 3 * 3, counts  # fp32 aligned, fp32 unaligned, bf16: 3 launches per step
+    reference_params = [p.double() for p in make_params()]
+    for params in (torch_params, reference_params):
+        reference = TORCH_CLS[cls](params, **kwargs, foreach=False)
+        for k in range(3):
+            for p, g in zip(params, _grads(torch_params, k)):
+                p.grad = g.to(p.dtype)
+            reference.step()
+    for i, (a, e, r) in enumerate(zip(ours_params, torch_params, reference_params)):
+        assert_close(a, r, e, name=f"param[{i}]")
