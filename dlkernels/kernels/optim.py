@@ -304,8 +304,11 @@ def _swats_kernel(
     store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, adam_mask)
     adam_update = -adam_step_size.to(tl.float32) * exp_avg / (tl.sqrt(exp_avg_sq) + eps)
     adam_update = tl.where(adam_mask, adam_update, 0.0)
-    tl.atomic_add(switch_state_ptr + 4, tl.sum(adam_update * grad, axis=0).to(tl.float64))  # SWATS_SUM_PG
-    tl.atomic_add(switch_state_ptr + 5, tl.sum(adam_update * adam_update, axis=0).to(tl.float64))  # SWATS_SUM_PP
+    # Relaxed: the sums are read by the next launch (_swats_switch_kernel), which the launch boundary orders; the
+    # default acq_rel would put two GPU-scope fences in every program.
+    tl.atomic_add(switch_state_ptr + 4, tl.sum(adam_update * grad, axis=0).to(tl.float64), sem="relaxed")  # SUM_PG
+    tl.atomic_add(switch_state_ptr + 5, tl.sum(adam_update * adam_update, axis=0).to(tl.float64),
+                  sem="relaxed")  # SWATS_SUM_PP
 
     buffer = tl.load(buffer_ptr + offsets, mask=sgd_mask, other=0.0).to(tl.float32)
     buffer = buffer * beta1 + grad
