@@ -72,6 +72,22 @@ def _assert_same_pattern_and_close(ours, eager, reference, name):
     assert_close(ours[finite], reference[finite], eager[finite], name=name)
 
 
+# --- drop-in signatures -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours_cls", sorted(TORCH_CLS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_constructor_signature_and_defaults_match_installed_torch(ours_cls):
+    """Every constructor argument of the installed torch's class, same name, kind and default (so an argument a new
+    torch adds cannot slip by), and every group default torch keeps."""
+    import inspect
+
+    ours, theirs = (inspect.signature(c.__init__).parameters for c in (ours_cls, TORCH_CLS[ours_cls]))
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.values()]
+    p = make_input((3,), requires_grad=True)
+    assert ours_cls([p]).defaults == TORCH_CLS[ours_cls]([p]).defaults
+
+
 # --- NaN / Inf -------------------------------------------------------------------------------------------------------
 
 NAN_CONFIGS = {
@@ -626,3 +642,33 @@ def test_triton_one_launch_per_dtype_and_alignment_bucket(cls, kwargs, kernel, m
             reference.step()
     for i, (a, e, r) in enumerate(zip(ours_params, torch_params, reference_params)):
         assert_close(a, r, e, name=f"param[{i}]")
+
+
+@pytest.mark.fuzz
+@given(shapes=st.lists(SHAPES, min_size=1, max_size=3), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       lr=st.sampled_from([1e-3, 0.05]), weight_decay=st.sampled_from([0.0, 0.1]), specials=st.booleans(),
+       duplicate=st.booleans(), steps=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_property_swats_kernels_match_reference(shapes, dtype, lr, weight_decay, specials, duplicate, steps, seed):
+    """SWATS has no torch class: the Triton kernels vs its eager reference in the same dtype and in float64, over
+    random shapes, dtypes, decay, NaN/Inf (fp32) and a param listed twice."""
+    sprinkle = 0.1 if specials and dtype == torch.float32 else None
+    runs = {}
+    for name, backend, run_dtype in (("ours", "triton", dtype), ("eager", "reference", dtype),
+                                     ("reference", "reference", torch.float64)):
+        params = []
+        for i, shape in enumerate(shapes):
+            p = make_input(shape, torch.float64, seed=seed + i)
+            if sprinkle:
+                _sprinkle(p, seed=seed + 100 + i, fraction=sprinkle)
+            params.append(p.to(dtype).to(run_dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the duplicate-parameter warning
+            opt = dlkernels.optim.SWATS(params + params[:1] if duplicate else params, lr=lr, weight_decay=weight_decay)
+        with dlkernels.backend(backend):
+            for k in range(steps):
+                for p, g in zip(params, _grads(params, k + seed, sprinkle)):
+                    p.grad = g.to(dtype).to(run_dtype)
+                opt.step()
+        runs[name] = params
+    for i, (a, e, r) in enumerate(zip(runs["ours"], runs["eager"], runs["reference"])):
+        _assert_same_pattern_and_close(a, e, r, f"param[{i}]")
