@@ -36,3 +36,30 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8
+
+
+# LSTM engine table. PREDICTIONS, not measurements: no GPU has timed these engines yet (bench/NOTES.md, "LSTM",
+# gives the reasoning; bench/bench_lstm.py measures them). H200, µs per step of one layer-direction:
+#   persistent (csrc/lstm, one launch per sequence, one grid barrier per step): ~3-8 fwd, ~8-16 fwd+bwd
+#   per_step (torch GEMM + Triton cell per step, host-bound launches): ~20-30 fwd, ~45-60 fwd+bwd
+#   cudnn (torch.nn.LSTM): ~20 fwd, ~43-48 fwd+bwd (anchors)
+# So on CUDA: the persistent kernel wherever it takes the shape, else torch's own LSTM when the caller can run it
+# (the modules), else the per-step engine. On the CPU (Triton's interpreter) only the per-step engine runs.
+def lstm_engine(device_type: str, dtype, steps: int, batch: int, hidden: int, proj: bool, *,
+                persistent_ok: bool, torch_path: bool = False) -> str:
+    """``"persistent"``, ``"per_step"`` or ``"cudnn"`` for one layer-direction of T=``steps``, B=``batch``,
+    H=``hidden`` (``proj``: proj_size > 0, which only the per-step engine and cuDNN take). ``persistent_ok``: the
+    persistent kernel is built and takes this shape; ``torch_path``: the caller can run torch's LSTM instead."""
+    if device_type != "cuda":
+        return "per_step"
+    if persistent_ok and not proj:
+        return "persistent"
+    return "cudnn" if torch_path else "per_step"
+
+
+def lstm_cell_blocks(batch: int, hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, num_warps) of the fused LSTM cell kernels: up to 128 hidden units by enough rows for about
+    1024 cells per program (each cell reads 4 gates), so a step of B=64, H=1024 is 64 programs."""
+    block_h = min(next_pow2(hidden), 128)
+    block_b = min(next_pow2(batch), max(1, 1024 // block_h))
+    return block_b, block_h, num_warps_for(4 * block_b * block_h)
