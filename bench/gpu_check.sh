@@ -33,8 +33,12 @@ fi
 
 if wants bench; then
   phase "quick benchmark"
-  timeout 220 "$PY" -m dlkernels bench --ops batch_norm,optim,attention > "$OUT/bench.log" 2>&1  # cheapest first
+  timeout 220 "$PY" -m dlkernels bench --ops batch_norm,optim,attention,lstm > "$OUT/bench.log" 2>&1  # cheapest first
   bench_rc=$?
+  for f in bench/results/lstm-*.json; do  # LSTM: µs per step of every provider, plotted against T and B
+    [ -e "$f" ] && "$PY" bench/bench_lstm.py --per-step "$f" > "$OUT/lstm-per-step.md" 2>&1
+  done
+  cp bench/results/*-per-step.png "$OUT/" 2>/dev/null
   cp bench/results/*.json bench/results/*.md "$OUT/" 2>/dev/null
 fi
 

@@ -609,3 +609,9 @@ def test_engine_table():
     assert lstm_engine("cuda", torch.bfloat16, 256, 8, 512, False, persistent_ok=True) == "persistent"
     assert lstm_engine("cuda", torch.bfloat16, 256, 8, 512, True, persistent_ok=True, torch_path=True) == "cudnn"
     assert lstm_engine("cuda", torch.bfloat16, 256, 8, 512, False, persistent_ok=False) == "per_step"
+    assert lstm_engine("cuda", torch.bfloat16, 256, 8, 512, False, persistent_ok=False, torch_path=True) == "cudnn"
+    # The persistent backward is predicted slower than cuDNN's at large B * H^2: training goes to cuDNN there.
+    big = dict(persistent_ok=True, torch_path=True)
+    assert lstm_engine("cuda", torch.bfloat16, 512, 256, 1024, False, training=True, **big) == "cudnn"
+    assert lstm_engine("cuda", torch.bfloat16, 512, 256, 1024, False, training=False, **big) == "persistent"
+    assert lstm_engine("cuda", torch.bfloat16, 256, 64, 1024, False, training=True, **big) == "persistent"

@@ -40,19 +40,30 @@ def sm_count(device: torch.device) -> int:
 
 # LSTM engine table. PREDICTIONS, not measurements: no GPU has timed these engines yet (bench/NOTES.md, "LSTM",
 # gives the reasoning; bench/bench_lstm.py measures them). H200, µs per step of one layer-direction:
-#   persistent (csrc/lstm, one launch per sequence, one grid barrier per step): ~3-8 fwd, ~8-16 fwd+bwd
-#   per_step (torch GEMM + Triton cell per step, host-bound launches): ~20-30 fwd, ~45-60 fwd+bwd
+#   persistent (csrc/lstm, one launch per sequence, one grid barrier per step): forward ~3-7 for every benchmarked
+#     shape; backward ~8 at B64 H512 but growing with the G-way broadcast of a B x 4H gradient, B * H^2 * s bytes of
+#     L2 traffic per step (s = bytes per element), past cuDNN's ~28 µs/step backward near B * H^2 * s = 3e8 bytes
+#     (bf16 H=1024: B ~150)
+#   per_step (torch GEMM + Triton cell per step): host-bound, ~20-30 fwd and ~45-60 fwd+bwd, i.e. not faster than
+#     cuDNN anywhere
 #   cudnn (torch.nn.LSTM): ~20 fwd, ~43-48 fwd+bwd (anchors)
-# So on CUDA: the persistent kernel wherever it takes the shape, else torch's own LSTM when the caller can run it
-# (the modules), else the per-step engine. On the CPU (Triton's interpreter) only the per-step engine runs.
+# So on CUDA: the persistent kernel wherever it takes the shape (and, for training, while its backward is predicted
+# faster), else torch's own LSTM when the caller can run it (the modules), else the per-step engine. On the CPU
+# (Triton's interpreter) only the per-step engine runs.
+_PERSISTENT_BACKWARD_MAX_BYTES = 3e8
+
+
 def lstm_engine(device_type: str, dtype, steps: int, batch: int, hidden: int, proj: bool, *,
-                persistent_ok: bool, torch_path: bool = False) -> str:
+                persistent_ok: bool, training: bool = False, torch_path: bool = False) -> str:
     """``"persistent"``, ``"per_step"`` or ``"cudnn"`` for one layer-direction of T=``steps``, B=``batch``,
     H=``hidden`` (``proj``: proj_size > 0, which only the per-step engine and cuDNN take). ``persistent_ok``: the
-    persistent kernel is built and takes this shape; ``torch_path``: the caller can run torch's LSTM instead."""
+    persistent kernel is built and takes this shape; ``training``: a backward will follow; ``torch_path``: the
+    caller can run torch's LSTM instead."""
     if device_type != "cuda":
         return "per_step"
-    if persistent_ok and not proj:
+    element = torch.empty(0, dtype=dtype).element_size()
+    backward_fast = batch * hidden * hidden * element < _PERSISTENT_BACKWARD_MAX_BYTES
+    if persistent_ok and not proj and (backward_fast or not training or not torch_path):
         return "persistent"
     return "cudnn" if torch_path else "per_step"
 

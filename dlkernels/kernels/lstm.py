@@ -29,7 +29,7 @@ from .launch import lstm_cell_blocks
 # dlkernels.kernels.common.store_rounded does.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])  # the step index changes every launch: one compiled kernel for all
 def _cell_forward(
     gx_ptr, gh_ptr, c_in_ptr, c_out_ptr, h_out_ptr, y_ptr, gates_ptr, c_save_ptr, lengths_ptr,
     t, B, H, stride_gx, stride_gh,
@@ -81,7 +81,7 @@ def _cell_forward(
     tl.store(c_out_ptr + state, c.to(c_out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _cell_backward(
     dh_ptr, gy_ptr, dc_in_ptr, dc_out_ptr, gates_ptr, c_prev_ptr, c_ptr, dgates_ptr, keep_ptr, lengths_ptr,
     t, B, H,

@@ -55,20 +55,29 @@ class LSTM(torch.nn.LSTM):
         return (get("weight_ih"), get("weight_hh"), get("bias_ih") if self.bias else None,
                 get("bias_hh") if self.bias else None, get("weight_hr") if self.proj_size > 0 else None)
 
-    def _use_cudnn(self, x: torch.Tensor) -> bool:
+    def _use_cudnn(self, input) -> bool:
         """Whether the table sends this call to torch's own LSTM (only CUDA tensors with the ``auto`` backend)."""
+        if isinstance(input, PackedSequence):
+            x, steps, batch = input.data, input.batch_sizes.numel(), int(input.batch_sizes[0])
+        elif isinstance(input, torch.Tensor) and input.dim() in (2, 3):
+            x = input
+            steps, batch = (input.shape[1], input.shape[0]) if self.batch_first and input.dim() == 3 else \
+                (input.shape[0], input.shape[1] if input.dim() == 3 else 1)
+        else:
+            return False
         if x.device.type != "cuda" or _backend.get_backend() != "auto":
             return False
         from ..kernels.launch import lstm_engine
 
-        steps, batch = x.shape[0], x.shape[1]
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         return lstm_engine("cuda", x.dtype, steps, batch, self.hidden_size, self.proj_size > 0,
                            persistent_ok=lstm_ops.persistent_available(self.hidden_size, batch, x),
-                           torch_path=True) == "cudnn"
+                           training=training, torch_path=True) == "cudnn"
 
     def forward(self, input, hx=None):
+        if self._use_cudnn(input):
+            return super().forward(input, hx)
         packed = isinstance(input, PackedSequence)
-        hx_given = hx
         directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         lengths = None
@@ -112,9 +121,6 @@ class LSTM(torch.nn.LSTM):
                                     batch_sizes if packed else None)
             if packed:
                 hx = self.permute_hidden(hx, sorted_indices)
-
-        if self._use_cudnn(x):
-            return super().forward(input, hx_given)
 
         h_n, c_n = [], []
         dev_lengths = None if lengths is None else lengths.to(x.device)
