@@ -14,6 +14,8 @@ dgates @ W_hh in fp32; the weight gradients are two large GEMMs after the loop.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -223,19 +225,36 @@ def recurrence_forward(engine, x_proj, w_hh, w_hr, h0, c0, lengths, reverse, tra
     return y, h, c.to(dtype), gates, c_all
 
 
+@functools.cache
+def _fp32_product_available(device_type: str) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (fp16/bf16 operands, fp32 output) runs on this device type
+    (CUDA builds of recent torch; not the CPU)."""
+    try:
+        a = torch.ones(16, 16, device=device_type, dtype=torch.bfloat16)
+        torch.mm(a, a, out_dtype=torch.float32, out=torch.empty(16, 16, device=device_type))
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 def _per_step_forward(x_proj, w_hh, w_hr, h0, c0, lengths, training):
     steps, batch, four_h = x_proj.shape
     hidden, out = four_h // 4, h0.shape[1]
+    # h @ W_hh^T straight to fp32 where torch can (no rounding of the recurrent product to fp16/bf16 before the add).
+    fp32_product = x_proj.dtype in (torch.float16, torch.bfloat16) and _fp32_product_available(x_proj.device.type)
     y = x_proj.new_empty((steps, batch, out))
     h = h0.contiguous().clone()
     c = c0.to(torch.float32).contiguous().clone()
     gates = x_proj.new_empty((steps, batch, four_h), dtype=torch.float32) if training else None
     c_all = x_proj.new_empty((steps, batch, hidden), dtype=torch.float32) if training else None
-    gh = x_proj.new_empty((batch, four_h))
+    gh = x_proj.new_empty((batch, four_h), dtype=torch.float32 if fp32_product else x_proj.dtype)
     h_raw = x_proj.new_empty((batch, hidden)) if w_hr is not None else None
     w_hh_t, w_hr_t = w_hh.t(), (w_hr.t() if w_hr is not None else None)
     for t in range(steps):
-        torch.mm(h, w_hh_t, out=gh)
+        if fp32_product:
+            torch.mm(h, w_hh_t, out_dtype=torch.float32, out=gh)
+        else:
+            torch.mm(h, w_hh_t, out=gh)
         _launch_forward(
             x_proj[t], gh, c, c, h if w_hr is None else h_raw, y=y[t] if w_hr is None else None,
             gates=gates[t] if training else None, c_save=c_all[t] if training else None, lengths=lengths, t=t,
