@@ -45,6 +45,14 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _operand(t, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An fp32 tile as a dot operand of ``dtype`` (kept fp32 under UPCAST: the interpreter truncates casts to bf16)."""
+    if UPCAST:
+        return t
+    return t.to(dtype)
+
+
+@triton.jit
 def _conv_tile(
     x_ptr, w_ptr, x_row, oh, ow, row_ok, co, co_ok,
     C, H, W, sxc, sxh, sxw, swo, swc, swh, sww,
@@ -251,7 +259,7 @@ def _conv_dgrad(
                               syn, syc, syh, syw, 0, 0, 1, 1, 1, 1, 1, 1, 0, RELU)
                 b = tl.load(w_ptr + w_tap + co[:, None] * swo + ci[None, :] * swc,
                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
-                acc = _dot(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+                acc = _dot(_operand(dz, w_ptr.dtype.element_ty, UPCAST), b, acc, UPCAST, PRECISION)
     offs = (n * sdn + ih * sdh + iw * sdw)[:, None] + ci[None, :] * sdc
     store_rounded(dx_ptr, offs, acc, row_ok[:, None] & ci_ok[None, :])
 
@@ -311,7 +319,7 @@ def _conv_wgrad(
             ok = (p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & k_ok[None, :]
             x_offs = (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
         xt = tl.load(x_ptr + x_offs, mask=ok, other=0.0)
-        acc = _dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xt, acc, UPCAST, PRECISION)
+        acc = _dot(tl.trans(_operand(dz, x_ptr.dtype.element_ty, UPCAST)), xt, acc, UPCAST, PRECISION)
     part = part_ptr + split.to(tl.int64) * CO * K
     tl.store(part + co[:, None] * K + k[None, :], acc, mask=co_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
@@ -345,8 +353,9 @@ def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype) -> dict:
         block_k = min(block_k, max(16, next_pow2(c))) if not flat_k(c) else 32
         warps = 8 if block_m * block_n >= 128 * 128 else 4
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
-    return dict(BLOCK_M=max(16, min(64, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
-                BLOCK_K=max(16, min(32, next_pow2(c))))
+    # Interpreter: few, large programs (its cost is per operation, not per element).
+    return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
+                BLOCK_K=64 if flat_k(c) else max(16, min(32, next_pow2(c))))
 
 
 def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bool, pool) -> None:
@@ -376,7 +385,7 @@ def _route_launch(grad_out, code, oh, ow, relu: bool, pool) -> torch.Tensor:
     m = n * oh * ow
     gpu = gpu_launch_config(grad_out.device)
     block_n = max(16, min(64, next_pow2(co)))
-    block_m = max(16, min(4096 // block_n if gpu else 64, next_pow2(m)))
+    block_m = max(16, min(4096 // block_n if gpu else 256, next_pow2(m)))
     has_code = code.numel() > 0
     _route[(triton.cdiv(m, block_m), triton.cdiv(co, block_n))](
         grad_out, code if has_code else grad_out, dz, co, oh, ow, ph, pw, m,
@@ -394,7 +403,8 @@ def wgrad_config(device, co: int, c: int, dtype: torch.dtype) -> dict:
         warps = 8 if block_m * block_n >= 128 * 128 else 4
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
                     num_warps=warps, num_stages=3)
-    return dict(BLOCK_M=max(16, min(64, next_pow2(co))), BLOCK_N=max(16, min(32, next_pow2(c))), BLOCK_K=64)
+    return dict(BLOCK_M=max(16, min(64, next_pow2(co))), BLOCK_N=64 if flat_k(c) else max(16, min(32, next_pow2(c))),
+                BLOCK_K=256)
 
 
 def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, relu: bool, pool, output_mask):
