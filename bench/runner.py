@@ -1,13 +1,17 @@
 """The one benchmark runner every ``bench/bench_<op>.py`` uses.
 
-A bench module defines ``OP`` (its name), ``cases(quick: bool) -> list[Case]`` (GPU timings) and
+A bench module defines ``OP`` (its name), ``cases(quick: bool) -> list[Case]`` (GPU timings),
 ``checks() -> list[dlkernels.testing.Comparison]`` (small-shape correctness, run on the CPU through Triton's
-interpreter when there is no GPU). This module times cases with CUDA events (``triton.testing.do_bench``: warm-up,
-median with 20/80 quantiles), measures the card's ceilings, and writes JSON rows, a markdown table and a PNG plot
-under ``bench/results/``.
+interpreter when there is no GPU) and ``launch_workload() -> None`` (the op's public entry points with the Triton
+backend at the benchmark shapes on CPU tensors, forward and backward: ``bench/resource_usage.py`` records those
+launches without running them and compiles each for sm_90; ``with runner.workload_case(name):`` names them).
+
+This module times cases with CUDA events (``triton.testing.do_bench``: warm-up, median with 20/80 quantiles),
+measures the card's ceilings, and writes JSON rows, a markdown table and a PNG plot under ``bench/results/``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -36,6 +40,24 @@ class Case:
     flops: float | None = None  # useful floating-point operations, for TFLOP/s
     params: dict = field(default_factory=dict)  # shape, dtype, layout... for plots and JSON
     notes: dict = field(default_factory=dict)  # per-provider remarks (which SDPA backend ran, compile time...)
+
+
+_workload_case = [""]
+
+
+@contextlib.contextmanager
+def workload_case(name: str):
+    """Names the kernel launches made inside the block (``launch_workload``), for bench/resource_usage.py's table."""
+    previous = _workload_case[0]
+    _workload_case[0] = name
+    try:
+        yield
+    finally:
+        _workload_case[0] = previous
+
+
+def current_workload_case() -> str:
+    return _workload_case[0]
 
 
 def rotating(fn: Callable, input_sets: list) -> Callable[[], object]:

@@ -5,9 +5,13 @@ namespace dlkernels {
 namespace optim {
 void register_optim(pybind11::module_& m);
 }  // namespace optim
+namespace lstm {
+void register_lstm(pybind11::module_& m);
+}  // namespace lstm
 }  // namespace dlkernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlkernels CUDA C++ kernels";
   dlkernels::optim::register_optim(m);
+  dlkernels::lstm::register_lstm(m);
 }

@@ -228,10 +228,10 @@ def test_strided_inputs(device, poisoned_empty):
 
 def test_keys_outside_window_blocks_are_never_read(device, poisoned_empty):
     """Keys more than a block beyond every window are NaN: block skipping (forward and backward) never touches them."""
-    from dlkernels.kernels.attention import block_config
+    from dlkernels.kernels.attention import block_configs
 
     d, left, right = 16, 4, 6
-    configs = [block_config(16, torch.device(device), kind) for kind in ("fwd", "dkdv", "dq")]
+    configs = [c for kind in ("fwd", "dkdv", "dq") for c in block_configs(16, torch.device(device), kind)]
     far = 2 * max(max(c["BLOCK_M"], c["BLOCK_N"]) for c in configs) + left + right
     n = far + 8 + 40
     rows = n - 8 - far  # queries 0 .. rows-1 are far from keys n-8 .. n-1

@@ -3,10 +3,14 @@ without a GPU still catches CUDA compile errors. Skipped where nvcc is missing."
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import resource_usage  # noqa: E402
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NVCC = shutil.which("nvcc")
@@ -32,11 +36,8 @@ def _run(cmd):
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: str(p.relative_to(CSRC)))
 def test_cuda_kernel_compiles(source, tmp_path):
     # Kernel sources are torch-free: only csrc/ and the CUDA headers, with the flags torch's extension build adds
-    # (they remove implicit half/bfloat16 conversions).
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
-    cmd = [NVCC, "-arch=sm_90", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, "-c", str(source), "-I", str(CSRC)]
-    _run(cmd + ["-o", str(tmp_path / "k.o")])
+    # (one command, shared with bench/resource_usage.py, which reports the kernels' registers and spills).
+    _run(resource_usage.nvcc_command(source, tmp_path / "k.o"))
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

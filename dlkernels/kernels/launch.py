@@ -31,8 +31,32 @@ def gpu_launch_config(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("DLKERNELS_GPU_LAUNCH_CONFIG") == "1"
 
 
+GPU_SM_COUNT = 132  # H100 SXM / H200: the grids the GPU launch configuration is recorded with
+
+
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a fixed 8 on CPU under the interpreter, to keep grids small)."""
+    """Streaming multiprocessors of ``device``; on CPU a fixed 8 under the interpreter (small grids), or an H100/H200's
+    132 with the GPU launch configuration (so recorded launches have the GPU's grids)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return GPU_SM_COUNT if gpu_launch_config(device) else 8
+
+
+def resident_programs(num_warps: int, registers: int) -> int:
+    """Programs of ``num_warps`` warps using ``registers`` per thread that one SM of sm_80/sm_90 holds at once:
+    64K registers (allocated per warp in units of 256), 64 warps, 32 programs (no shared memory assumed)."""
+    per_warp = triton.cdiv(max(1, registers) * 32, 256) * 256
+    return max(1, min(32, 64 // num_warps, 65536 // (per_warp * num_warps)))
+
+
+def splits_in_waves(units: int, programs_per_split: int, slots: int, max_waves: int = 8) -> int:
+    """How many splits ``s`` to cut ``units`` equal work units into, when each split is ``programs_per_split``
+    programs and ``slots`` programs run at once: the ``s`` minimizing waves x units per program,
+    ``ceil(s * programs_per_split / slots) * ceil(units / s)``, fewest splits among ties (fewer partial results).
+    A grid of 576 programs on 528 slots (a second wave of 48) loses to 512 programs in one wave."""
+    best = None
+    for waves in range(1, max_waves + 1):
+        s = max(1, min(units, waves * slots // max(1, programs_per_split)))
+        cost = (triton.cdiv(s * programs_per_split, slots) * triton.cdiv(units, s), s)
+        best = cost if best is None or cost < best else best
+    return best[1]

@@ -2,5 +2,7 @@
 from .attention import MultiheadAttention, TransformerEncoderLayer
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .conv import Conv2d, ConvBlock2d
+from .sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBlock2d", "MultiheadAttention", "TransformerEncoderLayer"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBlock2d", "MultiheadAttention",
+           "SyncBatchNorm", "TransformerEncoderLayer"]

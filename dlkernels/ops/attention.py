@@ -23,8 +23,8 @@ arithmetic) and the kernel runs with full-precision dots.
 
 The forward op returns ``(out, lse)``: ``lse`` (B, Hq, Nq) float32 is the natural-log log-sum-exp of each row's
 scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). The backward op uses only
-``out`` and ``lse``. ``deterministic=False`` (default) adds dQ with fp32 atomics inside the dK/dV pass;
-``deterministic=True`` computes dQ in a second pass without atomics (bitwise reproducible).
+``out`` and ``lse``. The kernel's backward has no atomics (dQ and dK/dV in separate passes), so every call is
+bitwise reproducible and ``deterministic=True`` costs nothing; the flag is kept for callers that set it.
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def attention_backward(
 
         return kernels.backward(
             grad_out, q, k, v, out, lse, key_padding_mask, _seed_int(seed), scale, window_left, window_right,
-            dropout_p, deterministic,
+            dropout_p,
         )
     return _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, window_left, window_right, dropout_p)
 
