@@ -343,14 +343,18 @@ def flat_k(c: int) -> bool:
     return c % 16 != 0
 
 
-def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels."""
+def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled: bool = False) -> dict:
+    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels.
+    A pooled forward holds three fp32/int32 tiles (conv tile, running max or sum, window code): at most 64
+    channels and 8 warps, so that they fit in registers (ptxas: no spills; bench/NOTES.md)."""
     if gpu_launch_config(device):
         block_m = 128 if m >= 4096 else 64
-        block_n = max(16, min(128, next_pow2(co)))
+        block_n = max(16, min(64 if pooled else 128, next_pow2(co)))
         block_k = 32 if dtype == torch.float32 else 64
         block_k = min(block_k, max(16, next_pow2(c))) if not flat_k(c) else 32
-        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
+        big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
+        warps = 8 if big or (flat_k(c) and block_m >= 128) else 4
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
     # Interpreter: few, large programs (its cost is per operation, not per element).
     return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
@@ -364,7 +368,7 @@ def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bo
     ph, pw = out.shape[2:]
     kind, pkh, pkw, psh, psw = pool
     m = n * ph * pw
-    cfg = forward_config(x.device, m, c, co, x.dtype)
+    cfg = forward_config(x.device, m, c, co, x.dtype, pooled=kind != POOL_NONE)
     saves_code = code.numel() > 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]))
     _conv_forward[grid](
