@@ -33,7 +33,7 @@ fi
 
 if wants bench; then
   phase "quick benchmark"
-  timeout 220 "$PY" -m dlkernels bench --ops batch_norm,optim,attention > "$OUT/bench.log" 2>&1  # cheapest first
+  timeout 220 "$PY" -m dlkernels bench --ops batch_norm,optim,attention,conv > "$OUT/bench.log" 2>&1  # cheapest first
   bench_rc=$?
   cp bench/results/*.json bench/results/*.md "$OUT/" 2>/dev/null
 fi

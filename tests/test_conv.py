@@ -384,3 +384,53 @@ def test_bad_module_arguments():
         dlkernels.nn.Conv2d(3, 4, 3, activation="tanh")
     with pytest.raises(ValueError, match="pool kind"):
         dlkernels.nn.ConvBlock2d(3, 4, 3, pool=("median", 2))
+
+
+GPU_SHAPES = {
+    "vgg_block1": dict(n=4, c_in=64, c_out=64, hw=(224, 224), kernel=(3, 3), padding=1, activation="relu",
+                       pool=("max", 2)),
+    "vgg_block3": dict(n=8, c_in=256, c_out=256, hw=(56, 56), kernel=(3, 3), padding=1, activation="relu",
+                       pool=("max", 2)),
+    "vgg_first": dict(n=8, c_in=3, c_out=64, hw=(224, 224), kernel=(3, 3), padding=1, activation="relu"),
+    "alexnet_conv1": dict(n=16, c_in=3, c_out=64, hw=(224, 224), kernel=(11, 11), stride=4, padding=2,
+                          activation="relu", pool=("max", 3, 2)),
+    "lenet": dict(n=256, c_in=1, c_out=6, hw=(32, 32), kernel=(5, 5), activation="relu", pool=("avg", 2)),
+    "resnet_stem": dict(n=8, c_in=3, c_out=64, hw=(224, 224), kernel=(7, 7), stride=2, padding=3),
+    "odd_channels": dict(n=5, c_in=40, c_out=72, hw=(31, 29), kernel=(3, 3), padding=1, activation="relu",
+                         pool=("avg", 2)),
+}
+
+
+GPU_CASES = [(name, torch.bfloat16, True) for name in GPU_SHAPES] + [
+    ("vgg_block3", torch.bfloat16, False), ("alexnet_conv1", torch.bfloat16, False),
+    ("vgg_block3", torch.float16, True), ("odd_channels", torch.float16, False),
+    ("vgg_block3", torch.float32, True), ("alexnet_conv1", torch.float32, True), ("lenet", torch.float32, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,dtype,channels_last", GPU_CASES, ids=str)
+def test_gpu_matches_torch(name, dtype, channels_last):
+    check_block(**GPU_SHAPES[name], dtype=dtype, channels_last=channels_last, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_fuzz_sweep():
+    rng = random.Random(99)
+    for i in range(60):
+        case = _random_case(rng)
+        case["dtype"] = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+        check_block(**case, seed=i, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_batch_offsets_past_2_to_the_31():
+    """64-bit batch offsets: the last sample of an input of more than 2^31 elements is convolved like the first."""
+    x = torch.randn(1040, 64, 180, 180, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x[-1].copy_(x[0])
+    w = torch.randn(16, 64, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.05
+    with dlkernels.backend("triton"):
+        y = dlkernels.ops.conv2d(x, w, padding=1, activation="relu", pool=("max", 2))
+    torch.testing.assert_close(y[-1], y[0], rtol=0, atol=0)
+    torch.testing.assert_close(y[:1].float(), eager_block(x[:1], w, None, 1, 1, activation="relu",
+                                                           pool=("max", 2)).float(), rtol=2e-2, atol=2e-2)
