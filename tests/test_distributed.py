@@ -1,0 +1,150 @@
+"""torch.distributed: SyncBatchNorm, DistributedDataParallel and FSDP2 with dlkernels modules and optimizers.
+
+Two CPU processes on gloo (torch.multiprocessing spawn, file rendezvous). One spawn runs every scenario (process
+start-up dominates the cost); each rank saves what it computed and the tests here compare it with one process
+running the whole batch, through dlkernels.testing's rule (float64 reference, eager PyTorch's error as the bar).
+A scenario that hangs or crashes fails the tests within the timeout instead of hanging the suite.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dlkernels
+from dlkernels.testing import assert_close, make_input
+
+WORLD = 2
+TIMEOUT_S = 240
+
+# SyncBatchNorm: the full batch and how it is split over the ranks (unequal, and one rank empty).
+BN_SHAPE = (7, 3, 4, 2)
+BN_SPLITS = {"unequal": [5, 2], "empty": [4, 0]}
+
+
+def _bn_data(step: int):
+    x = make_input(BN_SHAPE, seed=10 + step, mean=2.0, std=1.5)
+    g = make_input(BN_SHAPE, seed=20 + step)
+    return x, g
+
+
+def _bn_params(module: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(BN_SHAPE[1], generator=gen) + 0.5)
+        module.bias.copy_(torch.randn(BN_SHAPE[1], generator=gen))
+
+
+def _split(t: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return t[start:start + sizes[rank]]
+
+
+def _scenario_sync_bn(rank: int, split: str, relu: bool) -> dict:
+    sizes = BN_SPLITS[split]
+    bn = dlkernels.nn.SyncBatchNorm(BN_SHAPE[1], activation="relu" if relu else None)
+    _bn_params(bn)
+    out = {}
+    for step in range(2):
+        x, g = _bn_data(step)
+        x = _split(x, sizes, rank).clone().requires_grad_()
+        y = bn(x)
+        y.backward(_split(g, sizes, rank))
+        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
+    out.update(dw=bn.weight.grad, db=bn.bias.grad, running_mean=bn.running_mean, running_var=bn.running_var,
+               num_batches_tracked=bn.num_batches_tracked)
+    return out
+
+
+SCENARIOS = {
+    "sync_bn_unequal": lambda rank: _scenario_sync_bn(rank, "unequal", relu=False),
+    "sync_bn_unequal_relu": lambda rank: _scenario_sync_bn(rank, "unequal", relu=True),
+    "sync_bn_empty_rank": lambda rank: _scenario_sync_bn(rank, "empty", relu=False),
+}
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                result = scenario(rank)
+            except Exception:  # recorded, and the other scenarios still run
+                result = {"error": traceback.format_exc()}
+            torch.save(result, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs every scenario on 2 gloo ranks once; {scenario: [rank 0 result, rank 1 result]}."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    context = mp.start_processes(
+        _worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
+    try:
+        while not context.join(timeout=5):
+            if datetime.datetime.now() > deadline:
+                raise TimeoutError(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    loaded = {}
+    for name in SCENARIOS:
+        loaded[name] = [torch.load(out_dir / f"{name}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return loaded
+
+
+def _ranks(results, name):
+    ranks = results[name]
+    for rank, r in enumerate(ranks):
+        assert "error" not in r, f"rank {rank} failed:\n{r['error']}"
+    return ranks
+
+
+@pytest.mark.parametrize("name", ["sync_bn_unequal", "sync_bn_unequal_relu", "sync_bn_empty_rank"])
+def test_sync_batch_norm_equals_batch_norm_of_the_whole_batch(results, name):
+    ranks = _ranks(results, name)
+    relu = name.endswith("relu")
+    sizes = BN_SPLITS["empty" if "empty" in name else "unequal"]
+    n = sum(sizes)
+    models = {}
+    for key, dtype in (("eager", torch.float32), ("ref", torch.float64)):
+        models[key] = torch.nn.BatchNorm2d(BN_SHAPE[1]).to(dtype)
+        _bn_params(models[key])
+    for step in range(2):
+        x, g = _bn_data(step)
+        outs = {}
+        for key, m in models.items():
+            xin = x[:n].to(next(m.parameters()).dtype).requires_grad_()
+            y = m(xin)
+            y = torch.relu(y) if relu else y
+            y.backward(g[:n].to(y.dtype))
+            outs[key] = (y, xin.grad)
+        terms = n * BN_SHAPE[2] * BN_SHAPE[3]
+        ours_y = torch.cat([r[f"y{step}"] for r in ranks])
+        ours_dx = torch.cat([r[f"dx{step}"] for r in ranks])
+        assert_close(ours_y, outs["ref"][0], outs["eager"][0], terms=terms, name=f"step {step} output")
+        assert_close(ours_dx, outs["ref"][1], outs["eager"][1], terms=terms, name=f"step {step} grad_input")
+    for what, param in (("dw", "weight"), ("db", "bias")):  # local grads: DDP's sum over ranks is the full grad
+        total = sum(r[what] for r in ranks)
+        ref, eager = getattr(models["ref"], param).grad, getattr(models["eager"], param).grad
+        assert_close(total, ref, eager, terms=terms, name=f"grad_{param}")
+    for rank_result in ranks:  # identical on every rank
+        for buf in ("running_mean", "running_var"):
+            assert_close(rank_result[buf], getattr(models["ref"], buf), getattr(models["eager"], buf), terms=terms,
+                         name=buf)
+        assert int(rank_result["num_batches_tracked"]) == 2
+    if "empty" in name:
+        assert ranks[1]["y0"].shape == (0, *BN_SHAPE[1:]) and ranks[1]["dx0"].shape == (0, *BN_SHAPE[1:])
