@@ -476,21 +476,11 @@ def test_bad_input_matrix(family, case):
 # --- PyTorch's own optimizer test inputs ------------------------------------------------------------------------------
 
 
-def _optim_db():
-    """torch's optim_db. Importing torch.testing._internal loads torch's own hypothesis profile ("dev": 10 examples,
-    or "pytorch_ci" where $CI is set) for the whole process; ours (tests/conftest.py) is loaded back."""
-    from hypothesis import settings
-
-    profile = settings._current_profile
+def _optim_db_entries():
     from torch.testing._internal.common_optimizers import optim_db
 
-    settings.load_profile(profile)
-    return optim_db
-
-
-def _optim_db_entries():
     out = []
-    for info in _optim_db():
+    for info in optim_db:
         ours_cls = {v: k for k, v in TORCH_CLS.items()}.get(info.optim_cls)
         if ours_cls is None:
             continue
@@ -520,8 +510,10 @@ def test_optim_db_inputs(ours_cls, torch_cls, params_arg, kwargs):
 
 
 def _optim_db_error_entries():
+    from torch.testing._internal.common_optimizers import optim_db
+
     out = []
-    for info in _optim_db():
+    for info in optim_db:
         ours_cls = {v: k for k, v in TORCH_CLS.items()}.get(info.optim_cls)
         if ours_cls is None or info.optim_error_inputs_func is None:
             continue
