@@ -280,13 +280,8 @@ def test_fallbacks_warn_once_and_match_torch():
         torch.testing.assert_close(y, eager_block_grouped(x, w, 2))
         with pytest.warns(UserWarning, match="float64"):
             dlkernels.ops.conv2d(x.double(), make_input((3, 4, 3, 3), torch.float64))
-        allow = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            with pytest.warns(UserWarning, match="allow_tf32"):
-                dlkernels.ops.conv2d(x, make_input((3, 4, 3, 3)))
-        finally:
-            torch.backends.cudnn.allow_tf32 = allow
+        with torch.backends.cudnn.flags(allow_tf32=False), pytest.warns(UserWarning, match="allow_tf32"):
+            dlkernels.ops.conv2d(x, make_input((3, 4, 3, 3)))
 
 
 def eager_block_grouped(x, w, groups):
