@@ -131,17 +131,26 @@ def checks() -> list:
 
 
 def launch_workload() -> None:
-    """The Triton launches of the benchmark (B, H) and dtypes, forward and backward, on CPU tensors. Launch
-    configurations depend on B, H and dtype, not on T, so two steps suffice."""
-    with dlkernels.backend("triton"):
-        for batch, hidden, dtype in itertools.product(BATCHES, HIDDENS, DTYPES):
-            w_ih, w_hh = (torch.empty(4 * hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
-            x = torch.empty(2, batch, hidden, dtype=dtype, requires_grad=True)
-            h0, c0 = (torch.empty(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
-            y, h, c = dlkernels.ops.lstm_layer(x, h0, c0, w_ih, w_hh, lengths=torch.tensor([2] * batch))
-            torch.autograd.grad((y, h, c), [x, h0, c0, w_ih, w_hh], (torch.empty_like(y),) + (torch.empty_like(h),) * 2)
-            hc = dlkernels.ops.lstm_cell(x[0], h0, c0, w_ih, w_hh)
-            torch.autograd.grad(hc, [x, h0, c0], (torch.empty_like(h),) * 2)
+    """The benchmark's Triton launches (every B and H, fp32 and bf16, inference and fwd+bwd, uni- and bidirectional,
+    packed lengths too) on CPU tensors, for bench/resource_usage.py, which records them without running them. Launch
+    configurations depend on B, H and dtype, not on T or the layer count, so two steps of one layer suffice."""
+    for batch, hidden, dtype in itertools.product(BATCHES, HIDDENS, DTYPES):
+        name = f"B{batch} H{hidden} {str(dtype).replace('torch.', '')}"
+        lstm = dlkernels.nn.LSTM(hidden, hidden, bidirectional=True).to(dtype)
+        x = torch.empty(2, batch, hidden, dtype=dtype, requires_grad=True)
+        with dlkernels.backend("triton"):
+            with runner.workload_case(f"{name} bi fwd+bwd"):
+                y, (h, c) = lstm(x)
+                torch.autograd.grad((y, h, c), [x, *lstm.parameters()],
+                                    (torch.empty_like(y), torch.empty_like(h), torch.empty_like(c)))
+            with runner.workload_case(f"{name} packed eval"), torch.no_grad():
+                lengths = torch.full((batch,), 2)
+                lengths[batch // 2:] = 1
+                lstm(torch.nn.utils.rnn.pack_padded_sequence(x.detach(), lengths))
+            with runner.workload_case(f"{name} LSTMCell fwd+bwd"):
+                cell = dlkernels.nn.LSTMCell(hidden, hidden).to(dtype)
+                h, c = cell(x[0])
+                torch.autograd.grad((h, c), [x, *cell.parameters()], (torch.empty_like(h), torch.empty_like(c)))
 
 
 def per_step_report(path: str) -> None:
