@@ -244,6 +244,20 @@ def test_state_dict_both_ways():
     torch.testing.assert_close(fresh(x)[0], theirs(x)[0])
 
 
+def test_autocast_runs_in_the_autocast_dtype_as_torch():
+    """Under CPU autocast (bf16) torch's LSTM runs in bf16; ours too (fp32 parameters and input, bf16 results)."""
+    ours, eager, ref = _modules(torch.float32, num_layers=2)
+    x = make_input((STEPS, BATCH, INPUT), seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with dlkernels.backend("triton"):
+            y, (h, c) = ours(x)
+        y_eager, (h_eager, c_eager) = eager(x)
+    y_ref, (h_ref, c_ref) = ref(x.double())
+    for name, got, want, bar in (("output", y, y_ref, y_eager), ("h_n", h, h_ref, h_eager), ("c_n", c, c_ref, c_eager)):
+        assert got.dtype == bar.dtype == torch.bfloat16, name
+        assert_close(got, want, bar, terms=HIDDEN + INPUT, name=name)
+
+
 def test_enforce_sorted_packed_input():
     """Sorted lengths packed with enforce_sorted=True (no permutation) give torch's outputs."""
     ours, eager, ref = _modules(torch.float64, num_layers=2, bidirectional=True)
@@ -472,6 +486,12 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="floating dtype"):
             dlkernels.ops.lstm_cell(torch.ones(2, INPUT, dtype=torch.int64), make_input((2, HIDDEN)),
                                     make_input((2, HIDDEN)), w, make_input((4 * HIDDEN, HIDDEN)))
+
+    def test_empty_sequence(self):
+        with pytest.raises(RuntimeError, match="sequence length to be larger than 0"):
+            self._lstm()(make_input((0, 2, INPUT)))
+        y, (h, c) = self._lstm()(make_input((3, 0, INPUT)))  # an empty batch is fine, as in torch
+        assert y.shape == (3, 0, HIDDEN) and h.shape == c.shape == (1, 0, HIDDEN)
 
     def test_unsorted_lengths_with_enforce_sorted(self):
         x = make_input((max(LENGTHS), len(LENGTHS), INPUT))

@@ -524,13 +524,14 @@ def _project(input: Tensor, w_ih: list, b_ih: list, b_hh: list) -> list[Tensor]:
     bias = None
     if b_ih[0] is not None or b_hh[0] is not None:
         bias = [sum(b for b in (bi, bh) if b is not None) for bi, bh in zip(b_ih, b_hh)]
+    four_h = w_ih[0].shape[0]
     if len(w_ih) == 1:
         out = torch.nn.functional.linear(x, w_ih[0], bias[0] if bias is not None else None)
-        return [out.view(steps, batch, -1)]
+        return [out.view(steps, batch, four_h)]
     w = torch.stack(w_ih).transpose(1, 2)  # (D, I, 4H)
     xs = x.unsqueeze(0).expand(len(w_ih), -1, -1)
     out = torch.baddbmm(torch.stack(bias).unsqueeze(1), xs, w) if bias is not None else torch.bmm(xs, w)
-    return [o.view(steps, batch, -1) for o in out.unbind(0)]
+    return [o.view(steps, batch, four_h) for o in out.unbind(0)]
 
 
 def lstm_layer_bidirectional(
