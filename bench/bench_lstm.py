@@ -4,7 +4,8 @@ projection, inference (eval, no grad) and training (fwd+bwd: gradients of the in
 Providers: ``dlkernels`` (the ``auto`` backend: the engine table's choice), ``dlkernels per-step`` (backend
 ``triton``), ``dlkernels persistent`` (backend ``cuda``, where ``dlkernels._C`` has the persistent kernel and takes the
 shape), ``torch (cuDNN)``, and ``nn.LSTMCell loop`` (one layer, one direction).
-FLOPs counted: the gate GEMMs, 2 * B * 4H * (I + H) per step, layer and direction; fwd+bwd 3x that.
+FLOPs counted: the gate GEMMs, 2 * B * 4H * (I + H) per step, layer and direction (I = H, then 2H after a
+bidirectional layer); fwd+bwd 3x that.
 
 ``python bench/bench_lstm.py`` runs it alone; ``python bench/bench_lstm.py --per-step RESULTS.json`` prints µs per step
 of every provider and plots µs/step against T and against B (PNG next to the JSON).
@@ -86,8 +87,11 @@ def _case(steps, batch, hidden, layers, bidirectional, dtype, mode) -> runner.Ca
     for module in (ours, theirs):
         module.train(training)
     directions = 2 if bidirectional else 1
-    flops = 2 * batch * 4 * hidden * 2 * hidden * steps * layers * directions * (3 if training else 1)
-    name = f"T{steps} B{batch} H{hidden} L{layers} {'bi' if bidirectional else 'uni'} {str(dtype).replace('torch.', '')}"
+    inputs = [hidden] + [directions * hidden] * (layers - 1)  # each layer's input size
+    flops = sum(2 * batch * 4 * hidden * (size + hidden) for size in inputs) * steps * directions
+    flops *= 3 if training else 1
+    kind = "bi" if bidirectional else "uni"
+    name = f"T{steps} B{batch} H{hidden} L{layers} {kind} {str(dtype).replace('torch.', '')}"
     return runner.Case(OP, name, mode, providers, flops=flops,
                        params=dict(T=steps, B=batch, H=hidden, layers=layers, bidirectional=bidirectional,
                                    dtype=str(dtype)))
