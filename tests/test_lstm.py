@@ -573,6 +573,59 @@ def test_fuzz_layer_matches_reference(steps, batch, size, hidden, proj, reverse,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The persistent engine's call path (reversal, lengths, dtypes, weight-gradient GEMMs), on the CPU: a stand-in for
+# dlkernels._C that implements LSTM_CONTRACT.md's two functions with the reference math and checks their arguments.
+
+
+class _ContractPersistent:
+    calls = 0
+
+    @staticmethod
+    def _lengths(lengths, batch):
+        assert lengths.dtype == torch.int32 and lengths.dim() == 1 and lengths.numel() in (0, batch)
+        return None if lengths.numel() == 0 else lengths.long()
+
+    @classmethod
+    def lstm_persistent_forward(cls, x_proj, w_hh, h0, c0, lengths, training):
+        from dlkernels.ops.lstm import reference_recurrence
+
+        cls.calls += 1
+        assert x_proj.is_contiguous() and w_hh.is_contiguous() and h0.dtype == x_proj.dtype == w_hh.dtype
+        assert c0.dtype == torch.float32 and isinstance(training, bool)
+        y, h, c, gates, c_all = reference_recurrence(x_proj, w_hh, None, h0, c0,
+                                                     cls._lengths(lengths, x_proj.shape[1]), False)
+        empty = torch.empty(0)
+        return y, h, c.float(), gates if training else empty, c_all if training else empty
+
+    @classmethod
+    def lstm_persistent_backward(cls, grad_y, grad_h_n, grad_c_n, w_hh, gates, c_all, c0, lengths):
+        from dlkernels.ops.lstm import reference_recurrence_backward
+
+        cls.calls += 1
+        for t in (grad_y, grad_h_n, grad_c_n, gates, c_all, c0):
+            assert t.dtype == torch.float32 and t.is_contiguous()
+        steps, batch, hidden = grad_y.shape
+        unused = torch.zeros(steps, batch, hidden)  # y and h0 only feed grad W_hh, which the caller computes
+        grad_gates, _, _, grad_h0, grad_c0 = reference_recurrence_backward(
+            grad_y, grad_h_n, grad_c_n, w_hh, None, unused[0], c0, cls._lengths(lengths, batch), False, unused,
+            gates, c_all)
+        return grad_gates, grad_h0, grad_c0
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_persistent_call_path_with_a_contract_stand_in(monkeypatch, kind):
+    from dlkernels import _backend
+    from dlkernels.ops import lstm as lstm_ops
+
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: _ContractPersistent)
+    monkeypatch.setattr(lstm_ops, "_engine", lambda x_proj, w_hr: "persistent")
+    _ContractPersistent.calls = 0
+    _compare(torch.float32, dict(num_layers=2, bidirectional=True), _input_maker(kind, False),
+             _hx_maker(kind, False, 2, True, 0), backend="triton")
+    assert _ContractPersistent.calls == 8  # 2 layers x 2 directions, forward and backward
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU: the engines at benchmark-like shapes against float64 (and the engine table's choices).
 
 
