@@ -625,6 +625,23 @@ def test_persistent_call_path_with_a_contract_stand_in(monkeypatch, kind):
     assert _ContractPersistent.calls == 8  # 2 layers x 2 directions, forward and backward
 
 
+@pytest.mark.parametrize("kind", ["padded", "packed", "unbatched"])
+def test_cudnn_route_hands_the_call_to_torch_unchanged(monkeypatch, kind):
+    """Where the engine table picks cuDNN (CUDA only), forward is torch's own with the caller's input and (h0, c0)."""
+    from dlkernels.ops import lstm as lstm_ops
+
+    ours, eager, _ = _modules(torch.float32, num_layers=2, bidirectional=True)
+    x, hx = _input_maker(kind, False)(torch.float32), _hx_maker(kind, False, 2, True, 0)(torch.float32)
+    assert not ours._use_cudnn(x)  # CPU tensors never take it
+    monkeypatch.setattr(type(ours), "_use_cudnn", lambda self, input: True)
+    monkeypatch.setattr(lstm_ops, "lstm_recurrence", None)  # no dlkernels recurrence may run
+    y, (h, c) = ours(x, hx)
+    y_eager, (h_eager, c_eager) = eager(x, hx)
+    for a, b in ((y.data if kind == "packed" else y, y_eager.data if kind == "packed" else y_eager), (h, h_eager),
+                 (c, c_eager)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: the engines at benchmark-like shapes against float64 (and the engine table's choices).
 
