@@ -169,7 +169,9 @@ def lstm_cell_forward(gx: Tensor, gh: Tensor, cx: Tensor) -> tuple[Tensor, Tenso
     """(h, c, gates) of one step from the two gate pre-activations (B, 4H): h, c in gx's dtype, gates the
     post-activation gates in fp32 (fp64 for fp64), saved for backward."""
     unsupported = "float64 inputs (the kernels are fp16/bf16/fp32)" if gx.dtype == torch.float64 else None
-    if gx.numel() and _backend.choose(OP, gx.device, unsupported=unsupported) != "reference":
+    # The family has a CUDA C++ kernel (the persistent recurrence); one cell step runs the Triton cell under
+    # backend "cuda" too.
+    if gx.numel() and _backend.choose(OP, gx.device, has_cuda=True, unsupported=unsupported) != "reference":
         from ..kernels import lstm as kernels
 
         return kernels.cell_forward(gx.contiguous(), gh.contiguous(), cx.contiguous())
@@ -199,7 +201,7 @@ def lstm_cell_backward(grad_h: Tensor, grad_c: Tensor, gates: Tensor, cx: Tensor
                        ) -> tuple[Tensor, Tensor]:
     """(grad of the gate pre-activations (B, 4H) in ``dtype``, grad of cx in cx's dtype)."""
     unsupported = "float64 inputs (the kernels are fp16/bf16/fp32)" if gates.dtype == torch.float64 else None
-    if gates.numel() and _backend.choose(OP, gates.device, unsupported=unsupported) != "reference":
+    if gates.numel() and _backend.choose(OP, gates.device, has_cuda=True, unsupported=unsupported) != "reference":
         from ..kernels import lstm as kernels
 
         d_pre, dcx = kernels.cell_backward(grad_h.contiguous(), grad_c.contiguous(), gates.contiguous(),
