@@ -27,6 +27,7 @@ engines are predicted slower; chosen by the modules and ``lstm_layer`` before an
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -146,8 +147,14 @@ def _engine(x_proj: Tensor, w_hr: Optional[Tensor]) -> str:
         if supported:
             return "persistent"
         why = "proj_size > 0" if w_hr is not None else f"batch {x_proj.shape[1]}, hidden {x_proj.shape[2] // 4}"
-        _backend.warn_fallback(OP, f"the persistent CUDA kernel does not take {why}")
-        return "per_step" if _backend.triton_available() else "reference"
+        if not _backend.triton_available():
+            _backend.warn_fallback(OP, f"the persistent CUDA kernel does not take {why} and triton is not available")
+            return "reference"
+        if (OP, why) not in _backend._warned:  # once per reason, as _backend.warn_fallback
+            _backend._warned.add((OP, why))
+            warnings.warn(f"dlkernels.{OP}: the persistent CUDA kernel does not take {why}; using the per-step "
+                          "Triton engine", stacklevel=3)
+        return "per_step"
     if _backend.get_backend() == "triton":
         return "per_step"
     from ..kernels.launch import lstm_engine
