@@ -160,8 +160,9 @@ def checks() -> list:
                 y = eager_block(*args, shape)
             g = make_input(y.shape, dtype, seed=3).to(cast)
             outs[who] = (y, *torch.autograd.grad(y, args, g))
-        pixels = outs["ref"][0].numel() // c_out
-        terms = (c_in * k * k, c_out * k * k, pixels * 9, pixels * 9)
+        conv_out = geometry(shape)[0]
+        pixels = n * conv_out * conv_out  # products summed into each weight / bias gradient
+        terms = (c_in * k * k, c_out * k * k, pixels, pixels)
         for i, what in enumerate(("output", "grad_input", "grad_weight", "grad_bias")):
             results.append(compare(f"conv {label} {what}", outs["ours"][i], outs["ref"][i], outs["eager"][i],
                                    terms=terms[i]))
