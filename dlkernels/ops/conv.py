@@ -388,9 +388,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(code)
 
 
+def _differentiable_backward(ctx, grad_out, x, weight, bias, mask):
+    """Double backward (create_graph=True): the gradients of the eager reference, which autograd differentiates
+    again (the kernels' backward has no derivative of its own)."""
+    _backend.warn_fallback(OP, "double backward (create_graph=True) is differentiated through the reference")
+    stride, padding, dilation, groups, relu, pool = ctx.options
+    top, bottom, left, right = padding
+    z = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    y = _reference_pool(torch.relu(z) if relu else z, pool)
+    wanted = [t for t, m in zip((x, weight, bias), mask) if m]
+    grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if m else None for m in mask)
+
+
 def _backward(ctx, grad_out, grad_code):
     x, weight, bias, out, code = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():
+        dx, dw, db = _differentiable_backward(ctx, grad_out, x, weight, bias, mask)
+        return dx, dw, db, None, None, None, None, None, None
     if out is None:
         out = x.new_empty(0)
     dx, dw, db = torch.ops.dlkernels.conv2d_backward(grad_out, x, weight, bias, out, code, *ctx.options, mask)
