@@ -351,11 +351,12 @@ def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled: 
         block_m = 128 if m >= 4096 else 64
         block_n = max(16, min(64 if pooled else 128, next_pow2(co)))
         block_k = 32 if dtype == torch.float32 else 64
-        block_k = min(block_k, max(16, next_pow2(c))) if not flat_k(c) else 32
+        block_k = min(block_k, max(16, next_pow2(c))) if not flat_k(c) else (16 if dtype == torch.float32 else 32)
         # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
         big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
         warps = 8 if big or (flat_k(c) and block_m >= 128) else 4
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+        stages = 2 if dtype == torch.float32 and flat_k(c) else 3  # fp32 gathers spill with 3 stages (AlexNet)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     # Interpreter: few, large programs (its cost is per operation, not per element).
     return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
                 BLOCK_K=64 if flat_k(c) else max(16, min(32, next_pow2(c))))
@@ -388,7 +389,7 @@ def _route_launch(grad_out, code, oh, ow, relu: bool, pool) -> torch.Tensor:
     m = n * oh * ow
     gpu = gpu_launch_config(grad_out.device)
     block_n = max(16, min(64, next_pow2(co)))
-    block_m = max(16, min(4096 // block_n if gpu else 256, next_pow2(m)))
+    block_m = max(16, min(min(4096 // block_n, 128) if gpu else 256, next_pow2(m)))
     has_code = code.numel() > 0
     _route[(triton.cdiv(m, block_m), triton.cdiv(co, block_n))](
         grad_out, code if has_code else grad_out, dz, co, oh, ow, ph, pw, m,
