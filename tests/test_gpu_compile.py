@@ -74,6 +74,16 @@ def _workload():
                         dlkernels.optim.SWATS(params)):
                 opt.step()
                 opt.step()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):  # LSTM: the per-step engine's cell kernels
+            for batch, hidden, proj in ((3, 6, 0), (8, 128, 0), (2, 16, 8)):
+                lstm = dlkernels.nn.LSTM(hidden, hidden, bidirectional=True, proj_size=proj).to(dtype)
+                x = make_input((3, batch, hidden), dtype, requires_grad=True)
+                packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.arange(batch, 0, -1).clamp(max=3))
+                y, (h, c) = lstm(packed)
+                (y.data.sum() + h.sum() + c.sum()).backward()
+                lstm(x)[0].sum().backward()
+            cell = dlkernels.nn.LSTMCell(5, 8).to(dtype)
+            sum(cell(make_input((3, 5), dtype, requires_grad=True))).sum().backward()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +105,7 @@ def _describe(row: dict) -> str:
 def test_every_triton_launch_compiles_for_the_gpu(compiled):
     modules = {row["module"] for row in compiled}
     assert {"dlkernels.kernels.batch_norm", "dlkernels.kernels.attention", "dlkernels.kernels.optim",
-            "dlkernels.kernels.conv"} <= modules
+            "dlkernels.kernels.lstm", "dlkernels.kernels.conv"} <= modules
     failed = [f"FAILED {_describe(row)}:\n{row['error']}" for row in compiled if "error" in row]
     assert not failed, "\n\n".join(failed) + f"\n{len(failed)} of {len(compiled)} launches failed to compile"
 
