@@ -426,7 +426,8 @@ def test_gpu_fuzz_sweep():
 @pytest.mark.gpu
 def test_gpu_batch_offsets_past_2_to_the_31():
     """64-bit batch offsets: the last sample of an input of more than 2^31 elements is convolved like the first."""
-    x = torch.randn(1040, 64, 180, 180, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1040, 64, 180, 180, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
     x[-1].copy_(x[0])
     w = torch.randn(16, 64, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.05
     with dlkernels.backend("triton"):
