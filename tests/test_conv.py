@@ -259,7 +259,7 @@ def test_nan_and_inf_propagate_as_in_torch(pool, backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_strided_unbatched_and_empty_inputs(backend):
     x = make_input((2, 8, 9, 7), seed=11)[:, ::2]  # neither NCHW- nor NHWC-dense: read through its strides
-    w, b = make_input((3, 4, 3, 3), seed=12), make_input(3, seed=13)
+    w, b = make_input((3, 4, 3, 3), seed=12).transpose(2, 3), make_input(6, seed=13)[::2]  # strided weight, bias
     with dlkernels.backend(backend):
         y = dlkernels.ops.conv2d(x, w, b, padding=1, activation="relu", pool=("max", 2))
         torch.testing.assert_close(y, eager_block(x, w, b, 1, 1, activation="relu", pool=("max", 2)))

@@ -350,7 +350,7 @@ def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bo
     saves_code = code.numel() > 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]))
     _conv_forward[grid](
-        x, pack_weight(weight), x if bias is None else bias, out, code if saves_code else out,
+        x, pack_weight(weight), x if bias is None else bias.contiguous(), out, code if saves_code else out,
         c, h, w, co, ph, pw, m,
         *_strides(x), *_strides(out), *(_strides(code) if saves_code else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw, pkh, pkw, psh, psw,

@@ -287,9 +287,11 @@ def reference_backward(grad_out, x, weight, bias, stride, padding, dilation, gro
 # Custom ops.
 
 
-def unsupported(x: Tensor, groups: int, relu: bool, pool: Sequence[int]) -> Optional[str]:
+def unsupported(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, relu: bool,
+                pool: Sequence[int]) -> Optional[str]:
     """Why the Triton kernels cannot take this call (a valid configuration), or None."""
-    if x[0].numel() >= 2**31:
+    oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if max(x[0].numel(), weight.shape[0] * oh * ow) >= 2**31:
         return "one sample of more than 2^31 elements (the kernels index within a sample in 32 bits)"
     if x.dtype == torch.float64:
         return "float64 inputs (the kernels are fp16/bf16, and fp32 with TF32)"
@@ -318,7 +320,7 @@ def conv2d_forward(
     if x.shape[0] == 0:
         out, code = _empty_outputs(x, weight, stride, padding, dilation, relu, pool)
         return out, code.zero_()
-    impl = _backend.choose(OP, x.device, unsupported=unsupported(x, groups, relu, pool))
+    impl = _backend.choose(OP, x.device, unsupported=unsupported(x, weight, stride, padding, dilation, groups, relu, pool))
     if impl == "reference":
         return reference_forward(x, weight, bias, stride, padding, dilation, groups, relu, pool)
     from ..kernels import conv as kernels
@@ -354,7 +356,7 @@ def conv2d_backward(
     output_mask = [output_mask[0], output_mask[1], output_mask[2] and bias is not None]
     if x.shape[0] == 0:
         dx, dw, db = torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
-    elif _backend.choose(OP, x.device, unsupported=unsupported(x, groups, relu, pool)) == "reference":
+    elif _backend.choose(OP, x.device, unsupported=unsupported(x, weight, stride, padding, dilation, groups, relu, pool)) == "reference":
         dx, dw, db = reference_backward(grad_out, x, weight, bias, stride, padding, dilation, groups, relu, pool,
                                         output_mask)
     else:
