@@ -1,7 +1,8 @@
 """conv2d + bias + ReLU + max/avg pool in Triton: implicit GEMM (no im2col buffer), forward and backward.
 
 Tensors are read and written through their (N, C, H, W) strides: channels_last is the fast layout (channels are the
-contiguous GEMM reduction dim), NCHW and other strides work without copies. Accumulation is fp32; operands are
+contiguous GEMM reduction dim); under the interpreter NCHW and other strides are read in place, on the GPU an input
+whose channels are not contiguous is read through one channels_last copy (``readable_input``). Accumulation is fp32; operands are
 fp16/bf16 (fp32 as TF32 on the GPU, IEEE under the interpreter). Offsets are 64-bit at the batch dim; one sample's
 tensor (C*H*W elements) must stay below 2^31 (dlkernels.ops.conv sends larger ones to the reference).
 
@@ -333,6 +334,15 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
+def readable_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the GEMMs read it. On the GPU an input whose channels are not contiguous (NCHW) is copied once to
+    channels_last (2 x its bytes; reading NCHW in place would make every A-tile load a scalar 2-byte gather); under
+    the interpreter it is read in place through its strides."""
+    if gpu_launch_config(x.device) and x.stride(1) != 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def pack_weight(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """The weight as the GEMM's B operand, output channels contiguous: [KH, KW, C_in, C_out] (forward) or, for the
     transposed conv, [KH, KW, C_out, C_in]. One small copy per call; OIHW strides would make every B load scalar."""
@@ -341,6 +351,7 @@ def pack_weight(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
 
 def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bool, pool) -> None:
     """Fills ``out`` (N, CO, PH, PW) and, where the pool saves one, ``code`` (dlkernels.ops.conv)."""
+    x = readable_input(x)
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     ph, pw = out.shape[2:]
@@ -377,6 +388,7 @@ def _route_launch(grad_out, code, oh, ow, relu: bool, pool) -> torch.Tensor:
 
 def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, relu: bool, pool, output_mask):
     """(grad_input, grad_weight, grad_bias), None where ``output_mask`` is False."""
+    x_read = readable_input(x) if output_mask[1] or output_mask[2] else x
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -413,8 +425,8 @@ def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, rel
         part = torch.empty((splits, co, k_total), device=x.device, dtype=torch.float32)
         bias_part = torch.empty((splits, co), device=x.device, dtype=torch.float32)
         _conv_wgrad[(triton.cdiv(co, cfg["BLOCK_M"]), k_blocks, splits)](
-            g, y, x, part, bias_part, c, h, w, co, oh, ow, pixels, per_split,
-            *_strides(g), *_strides(y), *_strides(x), *geometry,
+            g, y, x_read, part, bias_part, c, h, w, co, oh, ow, pixels, per_split,
+            *_strides(g), *_strides(y), *_strides(x_read), *geometry,
             RELU=relu_mask, HAS_BIAS=bool(output_mask[2]), FLAT_K=conv_flat_k(c), **dots, **cfg,
         )
         if output_mask[1]:

@@ -9,12 +9,12 @@ by the window size).
 Implementations (``dlkernels.backend``):
 - Triton implicit GEMM (``dlkernels.kernels.conv``), no im2col buffer, for fp16/bf16, and for fp32 where torch lets
   cuDNN use TF32 (``torch.backends.cudnn.allow_tf32``, default True; fp32 dots are TF32 on the GPU, IEEE fp32 under
-  the interpreter). The input is read through its strides: channels_last without copies (the fast layout), NCHW and
-  any other strides too, without a copy. ``groups=1`` only.
+  the interpreter). The input is read through its strides: channels_last without copies (the fast layout); on the GPU
+  an input whose channels are not contiguous (NCHW) is copied once to channels_last (2 x its bytes, per forward and
+  per weight-gradient backward), under the interpreter it is read in place. ``groups=1`` only.
 - The eager reference (``F.conv2d`` -> ``relu`` -> ``max_pool2d``/``avg_pool2d``): the CPU fallback and test oracle.
-  fp64, fp32 with TF32 disallowed, ``groups > 1`` and average pools with ReLU over windows of more than 63 positions
-  take it (the last three with a warn-once fallback; the kernels take average-pool-with-ReLU windows of up to 31
-  positions).
+  fp64, fp32 with TF32 disallowed, ``groups > 1`` and average pools with ReLU over windows of more than 31 positions
+  take it, with a warn-once fallback where a kernel backend runs (CUDA tensors, or the interpreter).
 
 The forward never writes the full-resolution activation: the pooling window is reduced inside the output tile. For
 the backward it saves, per pooled output element, a small integer ``code``:
