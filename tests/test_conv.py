@@ -2,6 +2,7 @@
 float64 eager reference (F.conv2d -> relu -> max_pool2d/avg_pool2d), outputs and the gradients of input, weight and
 bias, held to 2x eager PyTorch's own error in the same dtype (dlkernels.testing)."""
 import random
+import warnings
 
 import pytest
 import torch
@@ -322,8 +323,8 @@ def test_module_db_inputs():
             ours = dlkernels.nn.Conv2d(*args, **kwargs).to(dtype)
             ours.load_state_dict(theirs.state_dict())
             (x,) = sample.forward_input.args
-            with dlkernels.backend("triton"), __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore")  # float64 takes the reference path
+            with dlkernels.backend("triton"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # float64 takes the reference path, with its fallback warning
                 y = ours(x)
                 grads = torch.autograd.grad(y.sum(), [x, *ours.parameters()])
             y_ref = theirs(x)
