@@ -417,8 +417,9 @@ def test_gpu_matches_torch(name, dtype, channels_last):
 
 @pytest.mark.gpu
 def test_gpu_fuzz_sweep():
+    """Random small configurations on the GPU (few: each new shape can cost JIT compiles)."""
     rng = random.Random(99)
-    for i in range(60):
+    for i in range(16):
         case = _random_case(rng)
         case["dtype"] = rng.choice([torch.bfloat16, torch.float16, torch.float32])
         check_block(**case, seed=i, device="cuda")
