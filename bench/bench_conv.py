@@ -62,7 +62,7 @@ def work(shape, dtype, mode) -> tuple[float, float]:
     fwd = x_bytes + w_bytes + y_bytes + code_bytes
     if mode == "fwd":
         return flops, fwd
-    return 3 * flops, fwd + y_bytes + code_bytes + 2 * (x_bytes + w_bytes) + x_bytes + w_bytes
+    return 3 * flops, fwd + y_bytes + code_bytes + 2 * (x_bytes + w_bytes)
 
 
 def eager_block(x, w, b, shape):
