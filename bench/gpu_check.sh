@@ -62,6 +62,10 @@ if wants bench; then
     rc=$?
     bench_status+=("$op rc=$rc$([ $rc -eq 124 ] && echo ' (time cap)')")
   done
+  for f in bench/results/lstm-*.json; do  # LSTM: µs per step of every provider, plotted against T and B
+    [ -e "$f" ] && "$PY" bench/bench_lstm.py --per-step "$f" > "$OUT/lstm-per-step.md" 2>&1
+  done
+  cp bench/results/*-per-step.png "$OUT/" 2>/dev/null
   cp bench/results/*.json bench/results/*.md "$OUT/" 2>/dev/null
 fi
 

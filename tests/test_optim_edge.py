@@ -72,6 +72,22 @@ def _assert_same_pattern_and_close(ours, eager, reference, name):
     assert_close(ours[finite], reference[finite], eager[finite], name=name)
 
 
+# --- drop-in signatures -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours_cls", sorted(TORCH_CLS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_constructor_signature_and_defaults_match_installed_torch(ours_cls):
+    """Every constructor argument of the installed torch's class, same name, kind and default (so an argument a new
+    torch adds cannot slip by), and every group default torch keeps."""
+    import inspect
+
+    ours, theirs = (inspect.signature(c.__init__).parameters for c in (ours_cls, TORCH_CLS[ours_cls]))
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.values()]
+    p = make_input((3,), requires_grad=True)
+    assert ours_cls([p]).defaults == TORCH_CLS[ours_cls]([p]).defaults
+
+
 # --- NaN / Inf -------------------------------------------------------------------------------------------------------
 
 NAN_CONFIGS = {
@@ -143,7 +159,7 @@ def test_sgd_inf_grad_does_not_spread_nan(backend):
     assert not torch.isnan(results[0][0]).any()
 
 
-# --- duplicates, meta, state dicts -------------------------------------------------------------------------------------
+# --- duplicates, meta, state dicts ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -449,7 +465,7 @@ def test_bad_input_matrix(family, case):
         assert match.lower() in str(error).lower(), str(error)
 
 
-# --- PyTorch's own optimizer test inputs -------------------------------------------------------------------------------
+# --- PyTorch's own optimizer test inputs ------------------------------------------------------------------------------
 
 
 def _optim_db():
@@ -574,6 +590,85 @@ def test_property_matches_torch_for_loop(family, shapes, dtype, adam, sgd, strid
                     for p, g in zip(params, _grads(params, k + seed, sprinkle)):
                         p.grad = _layout(g.to(dtype).to(run_dtype), strided and name == "ours")
                     opt.step()
+        runs[name] = params
+    for i, (a, e, r) in enumerate(zip(runs["ours"], runs["eager"], runs["reference"])):
+        _assert_same_pattern_and_close(a, e, r, f"param[{i}]")
+
+
+# --- Triton: one launch per group ----------------------------------------------------------------------------------
+
+
+def _count_launches(monkeypatch) -> dict:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts: dict = {}
+    original_run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    return counts
+
+
+@pytest.mark.parametrize("cls, kwargs, kernel", [
+    (dlkernels.optim.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True), "_adam_kernel"),
+    (dlkernels.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True), "_sgd_kernel"),
+], ids=["adam", "sgd"])
+def test_triton_one_launch_per_dtype_and_alignment_bucket(cls, kwargs, kernel, monkeypatch):
+    """A group of 7 tensors: fp32 ones (aligned, and unaligned views into a flat buffer), bf16 ones and an empty one;
+    one launch per (dtypes, alignment) bucket, the same results as torch's for-loop optimizer."""
+    def make_params():
+        flat = make_input((200,), seed=9)
+        return [make_input((130,), seed=1), make_input((3, 7), seed=2), flat[1:66], flat[67:80].view(13),
+                make_input((70,), torch.bfloat16, seed=3), make_input((5,), torch.bfloat16, seed=4), torch.zeros(0)]
+
+    ours_params, torch_params = make_params(), make_params()
+    counts = _count_launches(monkeypatch)
+    with dlkernels.backend("triton"):
+        opt = cls(ours_params, **kwargs)
+        for k in range(3):
+            for p, g in zip(ours_params, _grads(ours_params, k)):
+                p.grad = g
+            opt.step()
+    assert counts[kernel] == 3 * 3, counts  # fp32 aligned, fp32 unaligned, bf16: 3 launches per step
+    reference_params = [p.double() for p in make_params()]
+    for params in (torch_params, reference_params):
+        reference = TORCH_CLS[cls](params, **kwargs, foreach=False)
+        for k in range(3):
+            for p, g in zip(params, _grads(torch_params, k)):
+                p.grad = g.to(p.dtype)
+            reference.step()
+    for i, (a, e, r) in enumerate(zip(ours_params, torch_params, reference_params)):
+        assert_close(a, r, e, name=f"param[{i}]")
+
+
+@pytest.mark.fuzz
+@given(shapes=st.lists(SHAPES, min_size=1, max_size=3), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       lr=st.sampled_from([1e-3, 0.05]), weight_decay=st.sampled_from([0.0, 0.1]), specials=st.booleans(),
+       duplicate=st.booleans(), steps=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_property_swats_kernels_match_reference(shapes, dtype, lr, weight_decay, specials, duplicate, steps, seed):
+    """SWATS has no torch class: the Triton kernels vs its eager reference in the same dtype and in float64, over
+    random shapes, dtypes, decay, NaN/Inf (fp32) and a param listed twice."""
+    sprinkle = 0.1 if specials and dtype == torch.float32 else None
+    runs = {}
+    for name, backend, run_dtype in (("ours", "triton", dtype), ("eager", "reference", dtype),
+                                     ("reference", "reference", torch.float64)):
+        params = []
+        for i, shape in enumerate(shapes):
+            p = make_input(shape, torch.float64, seed=seed + i)
+            if sprinkle:
+                _sprinkle(p, seed=seed + 100 + i, fraction=sprinkle)
+            params.append(p.to(dtype).to(run_dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the duplicate-parameter warning
+            opt = dlkernels.optim.SWATS(params + params[:1] if duplicate else params, lr=lr, weight_decay=weight_decay)
+        with dlkernels.backend(backend):
+            for k in range(steps):
+                for p, g in zip(params, _grads(params, k + seed, sprinkle)):
+                    p.grad = g.to(dtype).to(run_dtype)
+                opt.step()
         runs[name] = params
     for i, (a, e, r) in enumerate(zip(runs["ours"], runs["eager"], runs["reference"])):
         _assert_same_pattern_and_close(a, e, r, f"param[{i}]")

@@ -47,7 +47,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _conv_tile(
     x_ptr, w_ptr, x_row, oh, ow, row_ok, co, co_ok,
-    C, H, W, sxc, sxh, sxw, swo, swc, swh, sww,
+    C, H, W, CO, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW,
     FLAT_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -70,8 +70,7 @@ def _conv_tile(
             iw = iw0[:, None] + (kw * dil_w)[None, :]
             ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)
-            w_offs = co[None, :] * swo + (ci * swc + kh * swh + kw * sww)[:, None]
-            b = tl.load(w_ptr + w_offs, mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + k[:, None] * CO + co[None, :], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, UPCAST, PRECISION)
     else:
         for tap in range(0, KH * KW):
@@ -81,13 +80,12 @@ def _conv_tile(
             iw = iw0 + kw * dil_w
             ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_row = x_row + ih * sxh + iw * sxw
-            w_tap = kh * swh + kw * sww
             for c0 in range(0, C, BLOCK_K):
                 ci = c0 + kk
                 c_ok = ci < C
                 a = tl.load(x_ptr + a_row[:, None] + ci[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + w_tap + ci[:, None] * swc + co[None, :] * swo,
-                            mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + (tap * C + ci)[:, None] * CO + co[None, :], mask=c_ok[:, None] & co_ok[None, :],
+                            other=0.0)
                 acc = _dot(a, b, acc, UPCAST, PRECISION)
     return acc
 
@@ -96,7 +94,7 @@ def _conv_tile(
 def _conv_forward(
     x_ptr, w_ptr, b_ptr, out_ptr, code_ptr,
     C, H, W, CO, PH, PW, M,
-    sxn, sxc, sxh, sxw, swo, swc, swh, sww, son, soc, soh, sow, scn, scc, sch, scw,
+    sxn, sxc, sxh, sxw, son, soc, soh, sow, scn, scc, sch, scw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, PKH, PKW, PSH, PSW,
     POOL: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -118,12 +116,12 @@ def _conv_forward(
         result = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     else:
         result = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    code = tl.zeros((BLOCK_M, BLOCK_N), tl.int64)
+    code = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for pos in range(0, PKH * PKW):
         oh = ph * PSH + pos // PKW
         ow = pw * PSW + pos % PKW
         z = _conv_tile(
-            x_ptr, w_ptr, x_row, oh, ow, row_ok, co, co_ok, C, H, W, sxc, sxh, sxw, swo, swc, swh, sww,
+            x_ptr, w_ptr, x_row, oh, ow, row_ok, co, co_ok, C, H, W, CO, sxc, sxh, sxw,
             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW, FLAT_K, UPCAST, PRECISION,
             BLOCK_M, BLOCK_N, BLOCK_K,
         ) + bias[None, :]
@@ -136,7 +134,7 @@ def _conv_forward(
         elif POOL == 2:
             result += z
             if RELU:
-                code = code | ((z > 0.0).to(tl.int64) << pos)
+                code = code | ((z > 0.0).to(tl.int32) << pos)
         else:
             result = z
     if POOL == 2:
@@ -185,8 +183,8 @@ def _dz_tile(
                 dz += tl.where(code == pos[:, None], g, 0.0)
             else:
                 if RELU:
-                    bits = tl.load(code_ptr + code_offs, mask=mask, other=0).to(tl.int64)
-                    g = tl.where(((bits >> pos[:, None].to(tl.int64)) & 1) != 0, g, 0.0)
+                    bits = tl.load(code_ptr + code_offs, mask=mask, other=0).to(tl.int32)
+                    g = tl.where(((bits >> pos[:, None]) & 1) != 0, g, 0.0)
                 dz += g / (PKH * PKW)
     return dz
 
@@ -215,7 +213,7 @@ def _route(
 def _conv_dgrad(
     g_ptr, y_ptr, w_ptr, dx_ptr,
     C, H, W, CO, OH, OW, HQ, WQ, M,
-    sgn, sgc, sgh, sgw, syn, syc, syh, syw, swo, swc, swh, sww, sdn, sdc, sdh, sdw,
+    sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW,
     RELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -243,15 +241,16 @@ def _conv_dgrad(
             oh = th // stride_h
             ow = tw // stride_w
             ok = row_ok & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
-            w_tap = kh * swh + kw * sww
             for co0 in range(0, CO, BLOCK_K):
                 co = co0 + kk
                 co_ok = co < CO
                 dz = _dz_tile(g_ptr, g_ptr, y_ptr, n, oh, ow, ok, co, co_ok, sgn, sgc, sgh, sgw, 0, 0, 0, 0,
                               syn, syc, syh, syw, 0, 0, 1, 1, 1, 1, 1, 1, 0, RELU)
-                b = tl.load(w_ptr + w_tap + co[:, None] * swo + ci[None, :] * swc,
-                            mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
-                acc = _dot(dz.to(w_ptr.dtype.element_ty), b, acc, UPCAST, PRECISION)
+                b = tl.load(w_ptr + (tap * CO + co)[:, None] * C + ci[None, :], mask=co_ok[:, None] & ci_ok[None, :],
+                            other=0.0)
+                if not UPCAST:  # (UPCAST keeps dz in fp32: the interpreter truncates casts to bf16)
+                    dz = dz.to(w_ptr.dtype.element_ty)
+                acc = _dot(dz, b, acc, UPCAST, PRECISION)
     offs = (n * sdn + ih * sdh + iw * sdw)[:, None] + ci[None, :] * sdc
     store_rounded(dx_ptr, offs, acc, row_ok[:, None] & ci_ok[None, :])
 
@@ -311,7 +310,9 @@ def _conv_wgrad(
             ok = (p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & k_ok[None, :]
             x_offs = (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
         xt = tl.load(x_ptr + x_offs, mask=ok, other=0.0)
-        acc = _dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xt, acc, UPCAST, PRECISION)
+        if not UPCAST:
+            dz = dz.to(x_ptr.dtype.element_ty)
+        acc = _dot(tl.trans(dz), xt, acc, UPCAST, PRECISION)
     part = part_ptr + split.to(tl.int64) * CO * K
     tl.store(part + co[:, None] * K + k[None, :], acc, mask=co_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
@@ -323,7 +324,7 @@ def _conv_wgrad(
 
 
 def _dot_options(x: torch.Tensor) -> dict:
-    on_gpu = x.device.type == "cuda"
+    on_gpu = gpu_launch_config(x.device)  # (also when recording GPU launches under the interpreter)
     return dict(UPCAST=x.dtype == torch.bfloat16 and not on_gpu, PRECISION="tf32" if on_gpu else "ieee")
 
 
@@ -331,22 +332,33 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
+def pack_weight(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """The weight as the GEMM's B operand, output channels contiguous: [KH, KW, C_in, C_out] (forward) or, for the
+    transposed conv, [KH, KW, C_out, C_in]. One small copy per call; OIHW strides would make every B load scalar."""
+    return weight.permute(2, 3, 0, 1).contiguous() if transposed else weight.permute(2, 3, 1, 0).contiguous()
+
+
 def flat_k(c: int) -> bool:
     """Flattened (kh, kw, c) reduction when C is not a multiple of 16 (C = 1, 3: one dot covers several taps)."""
     return c % 16 != 0
 
 
-def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels."""
+def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled: bool = False) -> dict:
+    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels.
+    A pooled forward holds three fp32/int32 tiles (conv tile, running max or sum, window code): at most 64
+    channels and 8 warps, so that they fit in registers (ptxas: no spills; bench/NOTES.md)."""
     if gpu_launch_config(device):
         block_m = 128 if m >= 4096 else 64
-        block_n = max(16, min(128, next_pow2(co)))
+        block_n = max(16, min(64 if pooled else 128, next_pow2(co)))
         block_k = 32 if dtype == torch.float32 else 64
         block_k = min(block_k, max(16, next_pow2(c))) if not flat_k(c) else 32
-        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
+        big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
+        warps = 8 if big or (flat_k(c) and block_m >= 128) else 4
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
-    return dict(BLOCK_M=max(16, min(64, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
-                BLOCK_K=max(16, min(32, next_pow2(c))))
+    # Interpreter: few, large programs (its cost is per operation, not per element).
+    return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
+                BLOCK_K=64 if flat_k(c) else max(16, min(32, next_pow2(c))))
 
 
 def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bool, pool) -> None:
@@ -356,13 +368,13 @@ def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bo
     ph, pw = out.shape[2:]
     kind, pkh, pkw, psh, psw = pool
     m = n * ph * pw
-    cfg = forward_config(x.device, m, c, co, x.dtype)
+    cfg = forward_config(x.device, m, c, co, x.dtype, pooled=kind != POOL_NONE)
     saves_code = code.numel() > 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]))
     _conv_forward[grid](
-        x, weight, x if bias is None else bias, out, code if saves_code else out,
+        x, pack_weight(weight), x if bias is None else bias, out, code if saves_code else out,
         c, h, w, co, ph, pw, m,
-        *_strides(x), *_strides(weight), *_strides(out), *(_strides(code) if saves_code else (0, 0, 0, 0)),
+        *_strides(x), *_strides(out), *(_strides(code) if saves_code else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw, pkh, pkw, psh, psw,
         POOL=kind, RELU=relu, HAS_BIAS=bias is not None, FLAT_K=flat_k(c), **_dot_options(x), **cfg,
     )
@@ -376,7 +388,7 @@ def _route_launch(grad_out, code, oh, ow, relu: bool, pool) -> torch.Tensor:
     m = n * oh * ow
     gpu = gpu_launch_config(grad_out.device)
     block_n = max(16, min(64, next_pow2(co)))
-    block_m = max(16, min(4096 // block_n if gpu else 64, next_pow2(m)))
+    block_m = max(16, min(4096 // block_n if gpu else 256, next_pow2(m)))
     has_code = code.numel() > 0
     _route[(triton.cdiv(m, block_m), triton.cdiv(co, block_n))](
         grad_out, code if has_code else grad_out, dz, co, oh, ow, ph, pw, m,
@@ -394,7 +406,8 @@ def wgrad_config(device, co: int, c: int, dtype: torch.dtype) -> dict:
         warps = 8 if block_m * block_n >= 128 * 128 else 4
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
                     num_warps=warps, num_stages=3)
-    return dict(BLOCK_M=max(16, min(64, next_pow2(co))), BLOCK_N=max(16, min(32, next_pow2(c))), BLOCK_K=64)
+    return dict(BLOCK_M=max(16, min(64, next_pow2(co))), BLOCK_N=64 if flat_k(c) else max(16, min(32, next_pow2(c))),
+                BLOCK_K=256)
 
 
 def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, relu: bool, pool, output_mask):
@@ -419,8 +432,8 @@ def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, rel
         cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"] if not flat_k(co) else 64, next_pow2(co)))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_N"]), stride[0] * stride[1])
         _conv_dgrad[grid](
-            g, y, weight, dx, c, h, w, co, oh, ow, hq, wq, m,
-            *_strides(g), *_strides(y), *_strides(weight), *_strides(dx), *geometry,
+            g, y, pack_weight(weight, transposed=True), dx, c, h, w, co, oh, ow, hq, wq, m,
+            *_strides(g), *_strides(y), *_strides(dx), *geometry,
             RELU=relu_mask, **dots, **cfg,
         )
     if output_mask[1] or output_mask[2]:

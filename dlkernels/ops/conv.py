@@ -13,7 +13,8 @@ Implementations (``dlkernels.backend``):
   any other strides too, without a copy. ``groups=1`` only.
 - The eager reference (``F.conv2d`` -> ``relu`` -> ``max_pool2d``/``avg_pool2d``): the CPU fallback and test oracle.
   fp64, fp32 with TF32 disallowed, ``groups > 1`` and average pools with ReLU over windows of more than 63 positions
-  take it (the last three with a warn-once fallback).
+  take it (the last three with a warn-once fallback; the kernels take average-pool-with-ReLU windows of up to 31
+  positions).
 
 The forward never writes the full-resolution activation: the pooling window is reduced inside the output tile. For
 the backward it saves, per pooled output element, a small integer ``code``:
@@ -39,6 +40,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 POOL_NONE, POOL_MAX, POOL_AVG = 0, 1, 2
 _POOL_KINDS = {"max": POOL_MAX, "avg": POOL_AVG}
 _MAX_AVG_RELU_WINDOW = 63  # bits of the largest code container (int64)
+_MAX_KERNEL_AVG_RELU_WINDOW = 31  # the kernels build the mask in 32-bit registers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,8 +297,8 @@ def unsupported(x: Tensor, groups: int, relu: bool, pool: Sequence[int]) -> Opti
         return "float32 inputs with torch.backends.cudnn.allow_tf32 = False (the fp32 kernel uses TF32 dots)"
     if groups != 1:
         return "groups > 1"
-    if code_dtype(relu, pool) == torch.bool:
-        return f"average pools with ReLU over windows of more than {_MAX_AVG_RELU_WINDOW} positions"
+    if pool[0] == POOL_AVG and relu and pool[1] * pool[2] > _MAX_KERNEL_AVG_RELU_WINDOW:
+        return f"average pools with ReLU over windows of more than {_MAX_KERNEL_AVG_RELU_WINDOW} positions"
     return None
 
 
