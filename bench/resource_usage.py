@@ -14,10 +14,10 @@ distinct specialization with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`
 
 CUDA C++: every ``csrc/**/*.cu`` is compiled to an sm_90 cubin with torch's extension flags.
 
-Per kernel it reports registers, spilled bytes (the stack frame ptxas gives a thread: every byte of it is a spill in
-these kernels), shared memory, resident programs per SM (registers, shared memory, threads, 32 blocks), and what the
-TTGIR/SASS say about speed: the MMA each ``tl.dot`` became (``warp_group_dot`` = wgmma/HGMMA, ``tt.dot`` with an
-``nvidia_mma`` v2 layout = mma.sync/HMMA), GPU-scope fences (``MEMBAR.*.GPU``), global atomics and reductions
+Per kernel it reports registers, spilled bytes (ptxas' "bytes spill stores": the widths of the SASS local stores;
+the stack frame too), shared memory, resident programs per SM (registers, shared memory, threads, 32 blocks), and
+what the TTGIR/SASS say about speed: the MMA each ``tl.dot`` became (``warp_group_dot`` = wgmma/HGMMA, ``tt.dot``
+with an ``nvidia_mma`` v2 layout = mma.sync/HMMA), GPU-scope fences (``MEMBAR.*.GPU``), global atomics and reductions
 (``ATOMG``/``RED``), and global load/store vector widths. Per launch it adds the grid and the waves on 132 SMs.
 
 ``tests/test_gpu_compile.py`` uses the same ``record``/``compile_launches`` on a small workload.
@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -108,27 +109,36 @@ def _width(modifiers: str) -> str:
     return "32"
 
 
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s*(.*?);")
+_BACKWARD_BRANCH = re.compile(r"\bBRA(?:\.[A-Z]+)*\s+`?\(?(0x[0-9a-f]+)")
+
+
 def sass_counts(sass: str) -> dict:
-    """Counts in SASS that matter for speed: MMA instructions, GPU-scope fences, atomics, global access widths."""
-    lines = [line.split("*/", 1)[-1] for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    """Counts in SASS that matter for speed: MMA instructions, GPU-scope fences, atomics (also those inside a loop:
+    between a backward branch and its target), global access widths."""
+    code = [(int(a, 16), text) for a, text in _INSTRUCTION.findall(sass)]
+    loops = [(int(m.group(1), 16), addr) for addr, text in code
+             if (m := _BACKWARD_BRANCH.search(text)) and int(m.group(1), 16) <= addr]
     ops = Counter()
-    for line in lines:
-        text = line.split(";", 1)[0]
+    for addr, text in code:
+        in_loop = any(lo <= addr <= hi for lo, hi in loops)
         if re.search(r"\bHGMMA\b", text):
             ops["HGMMA"] += 1
         elif re.search(r"\bHMMA\b", text):
             ops["HMMA"] += 1
         if re.search(r"\bMEMBAR\.[A-Z.]*GPU\b", text) or re.search(r"\bMEMBAR\.[A-Z.]*SYS\b", text):
             ops["MEMBAR.GPU"] += 1
+            ops["MEMBAR.GPU in loop"] += in_loop
         if re.search(r"\b(ATOMG|ATOM|RED|REDG)\.", text):
             ops["atomics"] += 1
-        if re.search(r"\bSTL\b", text):
-            ops["STL"] += 1
+            ops["atomics in loop"] += in_loop
+        for m in re.finditer(r"\b(STL|LDL)((?:\.[A-Z0-9_]+)*)", text):  # local memory: register spills here
+            ops["spill store bytes" if m.group(1) == "STL" else "spill load bytes"] += int(_width(m.group(2))) // 8
         if re.search(r"\bUTMALDG\b", text):
             ops["TMA loads"] += 1
         for m in _GLOBAL_MEM.finditer(text):
             ops[f"{m.group(1)}.{_width(m.group(2))}"] += 1
-    return dict(sorted(ops.items()))
+    return {k: v for k, v in sorted(ops.items()) if v}
 
 
 def ttgir_dots(ttgir: str) -> dict:
@@ -165,8 +175,11 @@ def cubin_report(cubin: bytes) -> dict:
         per_fn_sass[name.strip()] = body
     out = {}
     for name, reg, stack, shared, local in _RES_USAGE.findall(res):
-        out[name] = dict(registers=int(reg), spill_bytes=int(stack) + int(local), static_shared=int(shared),
-                         sass=sass_counts(per_fn_sass.get(name, "")))
+        counts = sass_counts(per_fn_sass.get(name, ""))
+        # ptxas -v's "bytes spill stores": the local stores' widths summed (Triton kernels have no local arrays).
+        out[name] = dict(registers=int(reg), spill_bytes=counts.pop("spill store bytes", 0),
+                         spill_load_bytes=counts.pop("spill load bytes", 0), stack_bytes=int(stack) + int(local),
+                         static_shared=int(shared), sass=counts)
     return out
 
 
@@ -283,6 +296,7 @@ def compile_one(launch: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    start = time.perf_counter()
     try:
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         constexprs = {tuple(k): _unjson(v) for k, v in launch["constexprs"]}
@@ -293,13 +307,24 @@ def compile_one(launch: dict) -> dict:
         kernel = triton.compile(src, target=GPUTarget(*TARGET), options=options)
         res = next(iter(cubin_report(kernel.asm["cubin"]).values()))
     except Exception as exc:  # every failing launch is reported, not only the first
-        return {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+        return {"error": _error_chain(exc)}
     meta = kernel.metadata
     shared = int(meta.shared) + res.pop("static_shared")
     out = dict(res, shared=shared, num_warps=meta.num_warps, num_stages=meta.num_stages,
-               dots=ttgir_dots(kernel.asm["ttgir"]))
+               dots=ttgir_dots(kernel.asm["ttgir"]), compile_s=round(time.perf_counter() - start, 1))
     out.update(resident_per_sm(out["registers"], shared, meta.num_warps))
     return out
+
+
+def _error_chain(exc: BaseException) -> str:
+    """The exception and its causes (a nested CompilationError's cause is the real message), cause last."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    text = "\n-- caused by --\n".join(parts)
+    return text if len(text) <= 6000 else text[:1500] + "\n...\n" + text[-4500:]
 
 
 def _compile_main(src: str, dst: str, jobs: int) -> None:
@@ -444,7 +469,7 @@ def table(rows: list[dict]) -> str:
             lines.append(head + f" compile FAILED: {r['error'].splitlines()[0][:150]} |" + " |" * 8)
             continue
         sass = r["sass"]
-        shown = ", ".join(f"{k} {v}" for k, v in sass.items() if k not in ("STL",))
+        shown = ", ".join(f"{k} {v}" for k, v in sass.items())
         dots = ", ".join(f"{k} {v}" for k, v in r["dots"].items()) or "-"
         grid = "x".join(map(str, r["grid"])) + (f" ({r['launches']} launches)" if r.get("launches", 1) > 1 else "")
         lines.append(head + f" {r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | "

@@ -12,6 +12,9 @@ from ._backend import (
     set_backend,
 )
 from . import ops, nn, optim  # noqa: E402  (ops register with torch.library on import)
+from ._backend import check_cuda_extension as _check_cuda_extension
+
+_check_cuda_extension()  # an installed _C that fails to load or was built against another torch: say so now
 
 __version__ = "0.1.0"
 

@@ -45,7 +45,10 @@ def info() -> None:
     print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print(f"requested backend: {dlkernels.get_backend()}")
     for name, ok in dlkernels.available_backends().items():
-        print(f"  {name:10s} {'available' if ok else 'not available'}")
+        why = ""
+        if name == "cuda" and not ok:
+            why = f" ({_backend.cuda_extension_error() or 'no CUDA device'})"
+        print(f"  {name:10s} {'available' if ok else 'not available'}{why}")
 
 
 def bench_modules(only: list[str] | None):

@@ -135,6 +135,13 @@ def cuda_extension():
     return module
 
 
+def check_cuda_extension() -> None:
+    """At ``import dlkernels``: when ``_C`` is installed, load it and compare the torch it was built against with the
+    running one, warning (at the importing line) if it cannot be used. Nothing when it was not built."""
+    if _load_cuda_extension()[1] != "dlkernels._C was not built":
+        cuda_extension()
+
+
 def triton_available() -> bool:
     return triton_importable() and (torch.cuda.is_available() or interpreter_active())
 
@@ -169,8 +176,14 @@ def caller_stacklevel() -> int:
     """``stacklevel`` for ``warnings.warn`` called right here that names the first frame outside dlkernels and torch:
     the user's line that called the op, module or optimizer."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "importlib" in name and "_bootstrap" in name:
+            frame = frame.f_back  # warnings.warn skips these itself: not counted
+        elif os.path.abspath(name).startswith(_INTERNAL_DIRS):
+            frame, level = frame.f_back, level + 1
+        else:
+            break
     return level
 
 

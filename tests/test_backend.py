@@ -173,3 +173,23 @@ def test_extension_built_against_this_torch_is_used(fake_extension):
     module = types.SimpleNamespace(torch_version=torch.__version__)
     fake_extension(lambda: module)
     assert _backend.cuda_extension() is module and _backend.cuda_extension_error() is None
+
+
+def test_unusable_extension_warns_at_import_at_the_importing_line(tmp_path):
+    """``import dlkernels`` with an installed ``_C`` that cannot load says why, pointing at the import."""
+    fake = tmp_path / "fake_c.py"
+    fake.write_text("raise ImportError('libc10_cuda.so: cannot open shared object file')\n")
+    code = f"""
+import importlib.util, sys, warnings
+spec = importlib.util.spec_from_file_location("dlkernels._C", {str(fake)!r})
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        return spec if name == "dlkernels._C" else None
+sys.meta_path.insert(0, Finder())
+warnings.simplefilter("always")
+import dlkernels  # the importing line
+"""
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True)
+    line = code.splitlines().index("import dlkernels  # the importing line") + 1
+    assert f"<string>:{line}: UserWarning: dlkernels._C is installed but failed to import" in out.stderr
+    assert "libc10_cuda.so: cannot open shared object file" in out.stderr
