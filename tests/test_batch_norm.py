@@ -2,6 +2,8 @@
 gradients, each measured against a float64 reference and held to 2x eager PyTorch's own error."""
 import copy
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -862,3 +864,37 @@ def test_pytorch_module_db_inputs(cls, module_input):
                 assert int(b) == int(b_eager)
             else:
                 assert_close(b, b_ref, b_eager, terms=terms, name=name)
+
+
+def test_store_rounded_compiles_to_a_plain_store_on_the_gpu(tmp_path):
+    """Issue 8 item 6: the hand rounding of bf16 stores exists only under the interpreter; a GPU build (compiled
+    here for sm_90 in a process without the interpreter) is a plain cast and store, with no integer rounding ops."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "store_probe.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+        from dlkernels.kernels.common import store_rounded
+
+        @triton.jit
+        def probe(out_ptr, x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            store_rounded(out_ptr, offs, tl.load(x_ptr + offs), offs < BLOCK)
+    """))
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import store_probe
+        src = ASTSource(store_probe.probe, {"out_ptr": "*bf16", "x_ptr": "*fp32", "BLOCK": "constexpr"},
+                        {(2,): 128})
+        print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ttir"])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(dlkernels.__file__).parent.parent)])
+    ttir = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert "tt.store" in ttir and "bf16" in ttir
+    for rounding_op in ("arith.andi", "arith.shrui", "tt.bitcast", "32767"):
+        assert rounding_op not in ttir, f"{rounding_op} in a GPU build of store_rounded:\n{ttir}"
