@@ -669,6 +669,8 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         return x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
     if layout == "permuted" and x.dim() >= 3:  # dense, but neither NC... nor channels-last
         return x.transpose(-1, 0).contiguous().transpose(-1, 0)
+    if layout == "batch_expanded":  # stride 0 along the batch (the values repeat along it)
+        return x[:1].expand(x.shape)
     if layout == "sliced":  # every other element of the last dim of a twice-as-wide buffer
         buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
         buf[..., ::2] = x
@@ -697,7 +699,7 @@ def _functional_cases(draw):
     return dict(
         shape=tuple(shape), training=training,
         dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
-        layout=draw(st.sampled_from(["contiguous", "channels_last", "permuted", "sliced"])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "permuted", "sliced", "batch_expanded"])),
         affine=draw(st.booleans()), with_bias=draw(st.booleans()), with_running=draw(st.booleans()) or not training,
         momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.6, "tensor"])), relu=draw(st.booleans()),
         kinds={k: draw(st.sampled_from(kinds if k in "wb" or not training else kinds[:3]))
@@ -718,6 +720,8 @@ def test_property_functional_matches_float64_torch(case):
     x64 = make_input(shape, torch.float64, seed=case["seed"], mean=case["mean"])
     if case["nonfinite"] is not None:
         x64.view(-1)[case["position"]] = float(case["nonfinite"])
+    if case["layout"] == "batch_expanded":  # stride 0 along the batch: every sample is sample 0
+        x64 = x64[:1].expand(shape).clone()
     grad64 = make_input(shape, torch.float64, seed=case["seed"] + 1)
     per_channel = dict(w=make_input(c, torch.float64, seed=case["seed"] + 2, mean=1.0, std=0.3),
                        b=make_input(c, torch.float64, seed=case["seed"] + 3),
