@@ -47,40 +47,50 @@ def _cfg(block_m, block_n, warps, stages, **options):
 
 
 # Candidate tiles per (pass, head-dim block <=): the first is the default and what the interpreter's GPU-launch mode
-# records. Chosen from sm_90 compiles (registers, spills, shared memory, wgmma for every dot; bench/NOTES.md).
+# records. Chosen from sm_90 compiles through the JIT's specialization (bench/NOTES.md): every dot a wgmma, no
+# spills at the benchmark shapes, the later entries spill-free fallbacks for padded head dims and key padding.
 _GPU_CONFIGS = {
     "fwd": {
         # D=64: 118 registers under the 128 cap, so two CTAs share an SM and hide each other's loop-phase bubbles.
-        64: [_cfg(128, 64, 8, 3, maxnreg=128), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+        64: [_cfg(128, 64, 8, 3, maxnreg=128), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
         128: [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)],
-        256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+        256: [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)],
     },
     "dq": {
         64: [_cfg(128, 64, 8, 3, maxnreg=128), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
         128: [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2)],
-        256: [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],
+        256: [_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2)],
     },
     "dkdv": {
         64: [_cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 4, 2)],
         128: [_cfg(64, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3)],
-        256: [_cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2)],
+        256: [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)],  # the least spilling found (88 bytes at 32x64)
     },
+}
+# With dropout the Philox counters and keep-masks need ~40-60 more registers per thread: smaller tiles.
+_GPU_DROPOUT_CONFIGS = {
+    "fwd": {64: [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)], 128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3)],
+            256: _GPU_CONFIGS["fwd"][256]},
+    "dq": {64: [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)], 128: [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2)],
+           256: _GPU_CONFIGS["dq"][256]},
+    "dkdv": {64: [_cfg(16, 128, 8, 3), _cfg(32, 128, 8, 3)], 128: [_cfg(16, 128, 8, 2), _cfg(32, 128, 8, 2)],
+             256: _GPU_CONFIGS["dkdv"][256]},
 }
 _INTERPRETER_CONFIG = _cfg(32, 32, 4, 1)  # small blocks keep the interpreter's per-op numpy work cheap
 
 
-def block_configs(head_dim_block: int, device: torch.device, kind: str) -> list[dict]:
+def block_configs(head_dim_block: int, device: torch.device, kind: str, dropout: bool = False) -> list[dict]:
     """Candidate launch parameters for ``kind`` in {"fwd", "dq", "dkdv"}: BLOCK_M (queries), BLOCK_N (keys), warps,
-    stages; ``head_dim_block`` is the larger padded head dim. The first is the default."""
+    stages (and a register cap); ``head_dim_block`` is the larger padded head dim. The first is the default."""
     if not gpu_launch_config(device):
         return [_INTERPRETER_CONFIG]
-    by_dim = _GPU_CONFIGS[kind]
+    by_dim = (_GPU_DROPOUT_CONFIGS if dropout else _GPU_CONFIGS)[kind]
     return by_dim[min(d for d in by_dim if d >= head_dim_block)]
 
 
-def block_config(head_dim_block: int, device: torch.device, kind: str) -> dict:
+def block_config(head_dim_block: int, device: torch.device, kind: str, dropout: bool = False) -> dict:
     """The default (first) of ``block_configs``."""
-    return block_configs(head_dim_block, device, kind)[0]
+    return block_configs(head_dim_block, device, kind, dropout)[0]
 
 
 _tuned: dict = {}
@@ -89,7 +99,7 @@ _tuned: dict = {}
 def _launch(kernel, kind: str, grid, args: tuple, kwargs: dict, device: torch.device, head_dim_block: int, problem):
     """Launches ``kernel`` with the cached best of ``block_configs`` for this problem class (timed once per class on
     a GPU; the first candidate elsewhere). ``grid(config)`` gives the grid; ``problem`` the class key."""
-    configs = block_configs(head_dim_block, device, kind)
+    configs = block_configs(head_dim_block, device, kind, kwargs["DROPOUT"])
     config = configs[0]
     if device.type == "cuda" and len(configs) > 1 and os.environ.get("DLKERNELS_ATTENTION_TUNE", "1") != "0":
         key = (kind, head_dim_block, problem)
@@ -165,22 +175,32 @@ def _query_major_bounds(m_start, Nk, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N
 
 @triton.jit
 def _fwd_block(
-    acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+    acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n,
     bh, Nq, Nk, LEFT, RIGHT, scale_log2, dropout_p, seed,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax. MASKED: apply the key-range and window masks (boundary blocks only)."""
+    """One key block of the online softmax. MASKED: apply the key-range and window masks (boundary blocks only).
+    ``seen`` (per row, 0/1): some key was allowed, which tells a row with no key (output 0) from one whose allowed
+    scores are all -inf (output NaN, as torch's softmax gives)."""
     cols = start_n + offs_n
     col_ok = cols < Nk
     k = _load_rows(k_base, cols, col_ok, stride_kn, stride_kd, DK, BLOCK_DK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
-        s = tl.where(_window_ok(rows[:, None], cols[None, :], LEFT, RIGHT) & col_ok[None, :], s, float("-inf"))
-    if HAS_KPM:
-        pad = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n, mask=col_ok, other=1)
-        s = tl.where(pad[None, :] == 0, s, float("-inf"))
+        ok = _window_ok(rows[:, None], cols[None, :], LEFT, RIGHT) & col_ok[None, :]
+        if HAS_KPM:
+            pad = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n, mask=col_ok, other=1)
+            ok &= pad[None, :] == 0
+        s = tl.where(ok, s, float("-inf"))
+        seen = tl.maximum(seen, tl.max(ok.to(tl.int32), 1))
+    elif HAS_KPM:
+        key_ok = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n) == 0
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        seen = tl.maximum(seen, tl.max(key_ok.to(tl.int32), 0))
+    else:
+        seen = tl.maximum(seen, 1)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing allowed so far keeps m = -inf; exponentiate against 0 there to avoid inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -191,7 +211,7 @@ def _fwd_block(
         p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], Nq, Nk, dropout_p), p, 0.0)
     v = _load_rows(v_base, cols, col_ok, stride_vn, stride_vd, DV, BLOCK_DV, MASKED)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return acc, l_i, m_new, seen
 
 
 @triton.jit
@@ -224,29 +244,31 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    seen = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     # Only key blocks that meet the window of some row in this block: cost ~ N * (left + right).
     lo, full_lo, full_hi, hi = _query_major_bounds(m_start, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+        acc, l_i, m_i, seen = _fwd_block(
+            acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
             dropout_p, seed, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+        acc, l_i, m_i, seen = _fwd_block(
+            acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
             dropout_p, seed, DK, DV, BLOCK_DK, BLOCK_DV, False, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+        acc, l_i, m_i, seen = _fwd_block(
+            acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
             dropout_p, seed, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
 
-    has_key = l_i > 0.0
+    # A row with allowed keys but l = 0 (all its scores -inf) gets 0 * inf = NaN, as torch's softmax gives.
+    has_key = seen > 0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -533,6 +555,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, seed: int, scale: fl
     no atomics, every element is written by one program."""
     dtype = q.dtype
     grad_out, q, k, v, out = _interpreter_operands(grad_out, q, k, v, out)
+    lse = lse.contiguous()  # read as (B * Hq, Nq) rows
     b, hq, nq, dk_dim = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     left, right = _window_bounds(left, right, nq, nk)
