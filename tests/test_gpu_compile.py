@@ -103,8 +103,6 @@ def _attention_rows(compiled):
             and r["dots"]]
 
 
-@pytest.mark.xfail(reason="issue 8 item 2: dK/dV and dQ dots still on mma.sync (remove when the rewrite lands)",
-                   strict=True)
 def test_every_attention_dot_is_wgmma(compiled):
     rows = _attention_rows(compiled)
     assert rows
@@ -112,8 +110,6 @@ def test_every_attention_dot_is_wgmma(compiled):
     assert not not_wgmma, "\n".join(not_wgmma)
 
 
-@pytest.mark.xfail(reason="issue 8 item 2: the dK/dV pass still adds dQ with atomics (remove when the rewrite lands)",
-                   strict=True)
 def test_no_attention_kernel_has_gpu_fences_or_atomics(compiled):
     rows = [r for r in compiled if r["module"] == "dlkernels.kernels.attention" and "error" not in r]
     assert rows
