@@ -1,7 +1,7 @@
 """What the compiler makes of every kernel for an H100/H200 (sm_90), without a GPU.
 
     python bench/resource_usage.py [op ...]          # e.g. attention; default: every bench module
-    python bench/resource_usage.py --json PATH       # default bench/results/resource_usage-sm90.json
+    python bench/resource_usage.py --json PATH       # default bench/results/resource_usage-sm90.json (runner.RESULTS)
     python bench/resource_usage.py --no-cuda-cpp     # Triton launches only
 
 Triton: each ``bench/bench_<op>.py`` defines ``launch_workload()``, which calls the op's public entry points with the
@@ -41,7 +41,10 @@ from typing import Callable
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CSRC = REPO / "csrc"
-DEFAULT_JSON = BENCH_DIR / "results" / "resource_usage-sm90.json"
+sys.path.insert(0, str(BENCH_DIR))
+import runner  # noqa: E402  (bench modules' shared helper: where results go, workload case names)
+
+DEFAULT_JSON = runner.RESULTS / "resource_usage-sm90.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,8 +245,7 @@ def record(workload: Callable[[], None], label: str = "") -> list[dict]:
             grid = grid(bound_args)
         grid = [int(g) for g in (tuple(grid) + (1, 1))[:3]]
         tensors = [v for v in bound_args.values() if isinstance(v, torch.Tensor)]
-        runner = sys.modules.get("runner")  # bench/runner.py: launch_workload may name its cases
-        case = runner.current_workload_case() if runner is not None else ""
+        case = runner.current_workload_case()  # launch_workload may name its cases
         launches.append({
             "label": " ".join(filter(None, [label, case])),
             "module": self.fn.__module__,
@@ -324,7 +326,8 @@ def compile_launches(launches: list[dict], jobs: int | None = None) -> list[dict
         specs.setdefault(spec_key(launch), launch)
     keys = list(specs)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    if (REPO / "dlkernels").is_dir():  # a source checkout: its dlkernels, as in this process
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "specs.json", Path(tmp) / "results.json"
         src.write_text(json.dumps([specs[k] for k in keys]))
@@ -396,7 +399,6 @@ def _demangle(name: str) -> str:
 # The command
 # ---------------------------------------------------------------------------------------------------------------
 def bench_modules(wanted: list[str]) -> list:
-    sys.path.insert(0, str(BENCH_DIR))
     mods = [importlib.import_module(p.stem) for p in sorted(BENCH_DIR.glob("bench_*.py"))]
     return [m for m in mods if not wanted or m.OP in wanted]
 
@@ -474,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         # The interpreter must be on before triton is imported: start again with it set.
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
-    sys.path.insert(0, str(REPO))
+    if (REPO / "dlkernels").is_dir():
+        sys.path.insert(0, str(REPO))
     os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"] = "1"
     import dlkernels
 

@@ -24,7 +24,18 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+def results_dir() -> Path:
+    """``$DLKERNELS_RESULTS``, else ``bench/results`` in a source checkout, else ``./dlkernels-results`` (an installed
+    wheel's package folder is no place for results)."""
+    if os.environ.get("DLKERNELS_RESULTS"):
+        return Path(os.environ["DLKERNELS_RESULTS"])
+    here = Path(__file__).resolve().parent
+    if (here.parent / "setup.py").is_file() and (here.parent / "dlkernels").is_dir():
+        return here / "results"
+    return Path.cwd() / "dlkernels-results"
+
+
+RESULTS = results_dir()
 OURS = "dlkernels"
 
 
@@ -112,13 +123,24 @@ def _matmul_ms(n: int) -> float:
 
 
 def measure_ceilings() -> dict:
-    """The card's copy bandwidth (1 GiB bf16 device copy, read + write) and bf16 matmul rate (8192^3)."""
+    """The card's copy bandwidth (1 GiB bf16 device copy, read + write) and bf16 matmul rate (8192^3).
+
+    With ``$DLKERNELS_CEILINGS`` naming a file, a measurement stored there for this GPU is reused, else stored
+    (bench/gpu_check.sh runs each op in its own process: one measurement for all)."""
+    cache = Path(os.environ["DLKERNELS_CEILINGS"]) if os.environ.get("DLKERNELS_CEILINGS") else None
+    gpu = torch.cuda.get_device_name()
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("gpu") == gpu:
+            return stored["ceilings"]
     numel, n = 512 * 1024 * 1024, 8192
     ceilings = {
         "copy_GBps": 2 * numel * 2 / _copy_ms(numel) / 1e6,
         "bf16_mm_TFLOPs": 2 * n**3 / _matmul_ms(n) / 1e9,
     }
     torch.cuda.empty_cache()
+    if cache is not None:
+        cache.write_text(json.dumps({"gpu": gpu, "ceilings": ceilings}))
     return ceilings
 
 

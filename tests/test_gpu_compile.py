@@ -55,6 +55,15 @@ def _workload():
                     out = dlkernels.ops.attention(q, k, v, causal=causal, window=window, dropout_p=dropout,
                                                   deterministic=deterministic, key_padding_mask=key_padding_mask)
                     out.sum().backward()
+        # conv2d: flattened-K (C_in=3) and tap-by-tap (C_in=32) reductions, every epilogue, a strided dgrad.
+        for dtype in (torch.bfloat16, torch.float32):
+            for c_in, kernel, stride, padding, relu, pool in ((3, 3, 1, 1, "relu", ("max", 2)),
+                                                              (32, 3, 2, 1, "relu", ("avg", 2)),
+                                                              (3, 7, 2, 3, None, None), (32, 1, 1, 0, "relu", None)):
+                x = make_input((2, c_in, 12, 12), dtype, memory_format=torch.channels_last, requires_grad=True)
+                w = make_input((32, c_in, kernel, kernel), dtype, seed=1, requires_grad=True)
+                b = make_input(32, dtype, seed=2, requires_grad=True)
+                dlkernels.ops.conv2d(x, w, b, stride, padding, activation=relu, pool=pool).sum().backward()
         for dtype in (torch.float32, torch.bfloat16):
             params = [torch.nn.Parameter(make_input((37,), dtype, seed=i)) for i in range(2)]
             for p in params:
@@ -64,6 +73,16 @@ def _workload():
                         dlkernels.optim.SWATS(params)):
                 opt.step()
                 opt.step()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):  # LSTM: the per-step engine's cell kernels
+            for batch, hidden, proj in ((3, 6, 0), (8, 128, 0), (2, 16, 8)):
+                lstm = dlkernels.nn.LSTM(hidden, hidden, bidirectional=True, proj_size=proj).to(dtype)
+                x = make_input((3, batch, hidden), dtype, requires_grad=True)
+                packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.arange(batch, 0, -1).clamp(max=3))
+                y, (h, c) = lstm(packed)
+                (y.data.sum() + h.sum() + c.sum()).backward()
+                lstm(x)[0].sum().backward()
+            cell = dlkernels.nn.LSTMCell(5, 8).to(dtype)
+            sum(cell(make_input((3, 5), dtype, requires_grad=True))).sum().backward()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +103,8 @@ def _describe(row: dict) -> str:
 
 def test_every_triton_launch_compiles_for_the_gpu(compiled):
     modules = {row["module"] for row in compiled}
-    assert {"dlkernels.kernels.batch_norm", "dlkernels.kernels.attention", "dlkernels.kernels.optim"} <= modules
+    assert {"dlkernels.kernels.batch_norm", "dlkernels.kernels.attention", "dlkernels.kernels.optim",
+            "dlkernels.kernels.lstm", "dlkernels.kernels.conv"} <= modules
     failed = [f"FAILED {_describe(row)}:\n{row['error']}" for row in compiled if "error" in row]
     assert not failed, "\n\n".join(failed) + f"\n{len(failed)} of {len(compiled)} launches failed to compile"
 

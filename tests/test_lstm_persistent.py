@@ -76,13 +76,25 @@ def full_lengths(lengths, steps, batch):
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_and_backward_match_float64(C, dtype, hidden, batch, with_lengths):
+    check_against_float64(C, STEPS, batch, hidden, dtype, with_lengths)
+
+
+@pytest.mark.parametrize("steps, batch, hidden", [(1, 70, 256), (5, 70, 384)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_partial_batch_chunks_single_step_and_odd_k_tiles(C, dtype, steps, batch, hidden):
+    """B = 70: several 32-row chunks and a partial last one; T = 1: the backward's only barrier is before grad_h0;
+    H = 384: K tiles of 384 (forward) and 768 (backward) columns."""
+    check_against_float64(C, steps, batch, hidden, dtype, True)
+
+
+def check_against_float64(C, steps, batch, hidden, dtype, with_lengths):
     assert C.lstm_persistent_supported(hidden, batch, dtype, torch.cuda.current_device())
-    x_proj, w_hh, h0, c0, lengths = make_case(STEPS, batch, hidden, dtype, with_lengths)
+    x_proj, w_hh, h0, c0, lengths = make_case(steps, batch, hidden, dtype, with_lengths)
     y, h_n, c_n, gates, c_all = C.lstm_persistent_forward(x_proj, w_hh, h0, c0, lengths, True)
     assert y.dtype == h_n.dtype == dtype and c_n.dtype == gates.dtype == c_all.dtype == torch.float32
-    assert gates.shape == (STEPS, batch, 4 * hidden) and c_all.shape == (STEPS, batch, hidden)
+    assert gates.shape == (steps, batch, 4 * hidden) and c_all.shape == (steps, batch, hidden)
 
-    steps_of = full_lengths(lengths, STEPS, batch)
+    steps_of = full_lengths(lengths, steps, batch)
     leaves64 = [t.double().requires_grad_() for t in (x_proj, h0, c0)]
     leaves = [t.detach().clone().to(dtype).requires_grad_() for t in (x_proj, h0, c0)]
     ref = lstm_loop(leaves64[0], w_hh.double(), leaves64[1], leaves64[2], steps_of, torch.float64)
@@ -90,7 +102,7 @@ def test_forward_and_backward_match_float64(C, dtype, hidden, batch, with_length
     for name, actual, r, e in zip(["y", "h_n", "c_n", "gates", "c_all"], (y, h_n, c_n, gates, c_all), ref, eager):
         assert_close(actual, r, e, terms=hidden, name=name)
 
-    grad_y = make_input((STEPS, batch, hidden), torch.float32, "cuda", seed=10)
+    grad_y = make_input((steps, batch, hidden), torch.float32, "cuda", seed=10)
     grad_h_n = make_input((batch, hidden), torch.float32, "cuda", seed=11)
     grad_c_n = make_input((batch, hidden), torch.float32, "cuda", seed=12)
     grad_gates, grad_h0, grad_c0 = C.lstm_persistent_backward(
@@ -104,7 +116,7 @@ def test_forward_and_backward_match_float64(C, dtype, hidden, batch, with_length
                                   eager_grads):
         assert_close(actual, r, e, terms=4 * hidden, name=name)
     if with_lengths:  # steps past a row's length: y = 0, no gradient into the gates
-        invalid = torch.arange(STEPS, device="cuda").unsqueeze(1) >= steps_of.unsqueeze(0)
+        invalid = torch.arange(steps, device="cuda").unsqueeze(1) >= steps_of.unsqueeze(0)
         assert not y[invalid].any() and not grad_gates[invalid].any()
 
 

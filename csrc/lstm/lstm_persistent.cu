@@ -157,21 +157,36 @@ struct WarpFmaProduct {
       for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
   }
 
+  // Only the register-tile rows r with r * kMQ < rows do any work (a chunk of a small batch: fewer FMAs).
   __device__ __forceinline__ void run(const float* a, int lda, const float* w, int ldw, int k_begin, int k_count,
-                                      int w_offset, int /*rows*/) {
+                                      int w_offset, int rows) {
+    if (rows > 3 * kMQ) {
+      run_rows<4>(a, lda, w, ldw, k_begin, k_count, w_offset);
+    } else if (rows > 2 * kMQ) {
+      run_rows<3>(a, lda, w, ldw, k_begin, k_count, w_offset);
+    } else if (rows > kMQ) {
+      run_rows<2>(a, lda, w, ldw, k_begin, k_count, w_offset);
+    } else {
+      run_rows<1>(a, lda, w, ldw, k_begin, k_count, w_offset);
+    }
+  }
+
+  template <int R>
+  __device__ __forceinline__ void run_rows(const float* a, int lda, const float* w, int ldw, int k_begin,
+                                           int k_count, int w_offset) {
     const int lane = threadIdx.x % 32;
     const int mi = lane / kNQ;
     const int ni = lane % kNQ;
 #pragma unroll 2
     for (int k = k_begin; k < k_begin + k_count; k += 4) {
-      float4 av[4], wv[4];
+      float4 av[R], wv[4];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) av[r] = *reinterpret_cast<const float4*>(a + (mi + r * kMQ) * lda + k);
+      for (int r = 0; r < R; ++r) av[r] = *reinterpret_cast<const float4*>(a + (mi + r * kMQ) * lda + k);
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         wv[c] = *reinterpret_cast<const float4*>(w + (ni + c * kNQ) * ldw + w_offset + k);
 #pragma unroll
-      for (int r = 0; r < 4; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           float s = acc[r][c];
@@ -675,6 +690,7 @@ Plan plan_for(int hidden, ScalarType dtype, int device, int* error) {
   cudaError_t err = cudaGetDevice(&current);
   if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
   if (err != cudaSuccess) {
+    cudaGetLastError();
     *error = static_cast<int>(err);
     Plan plan;
     plan.reason = "CUDA error";
@@ -682,7 +698,11 @@ Plan plan_for(int hidden, ScalarType dtype, int device, int* error) {
   }
   const Plan plan = compute_plan(hidden, dtype, device, error);
   if (current != device) cudaSetDevice(current);
-  if (*error == 0) (*cache)[key] = plan;
+  if (*error == 0) {
+    (*cache)[key] = plan;
+  } else {
+    cudaGetLastError();  // the failed query's error is reported through *error, not left for the next launch
+  }
   return plan;
 }
 

@@ -95,8 +95,8 @@ def _reduce_channel_major(
     if BACKWARD:
         center, mean, scale, shift = _affine(c, True, stats_ptr, C, weight_ptr, bias_ptr, ACC, HAS_WEIGHT, HAS_BIAS)
     else:
-        k = tl.arange(0, BLOCK_K)
-        first = tl.load(x_ptr + c.to(tl.int64) * K + k, mask=k < K, other=0.0).to(ACC)  # sample 0 of channel c
+        k_first = tl.arange(0, BLOCK_K)
+        first = tl.load(x_ptr + c.to(tl.int64) * K + k_first, mask=k_first < K, other=0.0).to(ACC)  # sample 0
         center = _finite_or_zero(tl.sum(first, axis=0) / tl.minimum(K, BLOCK_K))
         tl.store(stats_ptr + c, center, mask=split == 0)
         mean, scale, shift = 0.0, 0.0, 0.0
@@ -137,9 +137,9 @@ def _reduce_channel_minor(
         center, mean, scale, shift = _affine(c, c_ok, stats_ptr, C, weight_ptr, bias_ptr, ACC, HAS_WEIGHT, HAS_BIAS)
         center, mean, scale, shift = center[None, :], mean[None, :], scale[None, :], shift[None, :]
     else:
-        r = tl.arange(0, BLOCK_R)
-        first_mask = (r < R)[:, None] & c_ok[None, :]
-        first = tl.load(x_ptr + r.to(tl.int64)[:, None] * C + c[None, :], mask=first_mask, other=0.0).to(ACC)
+        r_first = tl.arange(0, BLOCK_R)
+        first_mask = (r_first < R)[:, None] & c_ok[None, :]
+        first = tl.load(x_ptr + r_first.to(tl.int64)[:, None] * C + c[None, :], mask=first_mask, other=0.0).to(ACC)
         center = _finite_or_zero(tl.sum(first, axis=0) / tl.minimum(R, BLOCK_R))
         tl.store(stats_ptr + c, center, mask=c_ok & (split == 0))
         center = center[None, :]

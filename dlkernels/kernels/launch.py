@@ -60,3 +60,92 @@ def splits_in_waves(units: int, programs_per_split: int, slots: int, max_waves: 
         cost = (triton.cdiv(s * programs_per_split, slots) * triton.cdiv(units, s), s)
         best = cost if best is None or cost < best else best
     return best[1]
+
+
+# LSTM engine table. PREDICTIONS, not measurements: no GPU has timed these engines yet (bench/NOTES.md, "LSTM",
+# gives the reasoning; bench/bench_lstm.py measures them). H200, µs per step of one layer-direction:
+#   persistent (csrc/lstm, one launch per sequence, one grid barrier per step): forward ~3-7 for every benchmarked
+#     shape; backward ~8 at B64 H512 but growing with the G-way broadcast of a B x 4H gradient, B * H^2 * s bytes of
+#     L2 traffic per step (s = bytes per element), past cuDNN's ~28 µs/step backward near B * H^2 * s = 3e8 bytes
+#     (bf16 H=1024: B ~150)
+#   per_step (torch GEMM + Triton cell per step): host-bound, ~20-30 fwd and ~45-60 fwd+bwd, i.e. not faster than
+#     cuDNN anywhere
+#   cudnn (torch.nn.LSTM): ~20 fwd, ~43-48 fwd+bwd (anchors)
+# So on CUDA: the persistent kernel wherever it takes the shape (and, for training, while its backward is predicted
+# faster), else torch's own LSTM when the caller can run it (the modules), else the per-step engine. On the CPU
+# (Triton's interpreter) only the per-step engine runs.
+_PERSISTENT_BACKWARD_MAX_BYTES = 3e8
+
+
+def lstm_engine(device_type: str, dtype, steps: int, batch: int, hidden: int, proj: bool, *,
+                persistent_ok: bool, training: bool = False, torch_path: bool = False) -> str:
+    """``"persistent"``, ``"per_step"`` or ``"cudnn"`` for one layer-direction of T=``steps``, B=``batch``,
+    H=``hidden`` (``proj``: proj_size > 0, which only the per-step engine and cuDNN take). ``persistent_ok``: the
+    persistent kernel is built and takes this shape; ``training``: a backward will follow; ``torch_path``: the
+    caller can run torch's LSTM instead."""
+    if device_type != "cuda":
+        return "per_step"
+    element = torch.empty(0, dtype=dtype).element_size()
+    backward_fast = batch * hidden * hidden * element < _PERSISTENT_BACKWARD_MAX_BYTES
+    if persistent_ok and not proj and (backward_fast or not training or not torch_path):
+        return "persistent"
+    return "cudnn" if torch_path else "per_step"
+
+
+def lstm_cell_blocks(batch: int, hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, num_warps) of the fused LSTM cell kernels: up to 128 hidden units by enough rows for about
+    1024 cells per program (each cell reads 4 gates), so a step of B=64, H=1024 is 64 programs."""
+    block_h = min(next_pow2(hidden), 128)
+    block_b = min(next_pow2(batch), max(1, 1024 // block_h))
+    return block_b, block_h, num_warps_for(4 * block_b * block_h)
+
+
+# conv2d (dlkernels/kernels/conv.py): implicit-GEMM tiles, chosen from sm_90 compiles (bench/NOTES.md).
+
+
+def conv_flat_k(c: int) -> bool:
+    """Flattened (kh, kw, c) reduction when C is not a multiple of 16 (C = 1, 3: one dot covers several taps)."""
+    return c % 16 != 0
+
+
+def conv_gemm_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled: bool = False) -> dict:
+    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels.
+    A pooled forward holds three fp32/int32 tiles (conv tile, running max or sum, window code): at most 64
+    channels and 8 warps, so that they fit in registers (ptxas: no spills; bench/NOTES.md)."""
+    if gpu_launch_config(device):
+        block_m = 128 if m >= 4096 else 64
+        block_n = max(16, min(64 if pooled else 128, next_pow2(co)))
+        block_k = 32 if dtype == torch.float32 else 64
+        if conv_flat_k(c):
+            block_k = 16 if dtype == torch.float32 else 32
+        else:
+            block_k = min(block_k, max(16, next_pow2(c)))
+        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
+        big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
+        warps = 8 if big or (conv_flat_k(c) and block_m >= 128) else 4
+        stages = 2 if dtype == torch.float32 and conv_flat_k(c) else 3  # fp32 gathers spill with 3 stages (AlexNet)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    # Interpreter: few, large programs (its cost is per operation, not per element).
+    return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
+                BLOCK_K=64 if conv_flat_k(c) else max(16, min(32, next_pow2(c))))
+
+
+def conv_wgrad_config(device, co: int, c: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the weight-gradient GEMM: output channels x (taps x input channels), pixels reduced."""
+    if gpu_launch_config(device):
+        block_n = 32 if conv_flat_k(c) else max(16, min(128, next_pow2(c)))
+        block_m = max(16, min(128, next_pow2(co)))
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
+                    num_warps=warps, num_stages=3)
+    return dict(BLOCK_M=max(16, min(64, next_pow2(co))),
+                BLOCK_N=64 if conv_flat_k(c) else max(16, min(32, next_pow2(c))), BLOCK_K=256)
+
+
+def conv_route_config(device, m: int, co: int) -> tuple[int, int, dict]:
+    """(BLOCK_M, BLOCK_N, launch options) of conv2d's backward routing pass (rows of conv output pixels x channels):
+    at most 128 rows on the GPU (larger tiles spill their 64-bit gather addresses)."""
+    block_n = max(16, min(64, next_pow2(co)))
+    if gpu_launch_config(device):
+        return max(16, min(4096 // block_n, 128, next_pow2(m))), block_n, {"num_warps": 4}
+    return max(16, min(256, next_pow2(m))), block_n, {}

@@ -28,7 +28,10 @@ import triton.language as tl
 from .common import store_rounded
 from .launch import gpu_launch_config, num_warps_for
 
-GPU_BLOCK = 4096
+# GPU programs: 2048 elements over 8 warps, 8 per thread (two 16-byte accesses per list): 48 registers for Adam fp32
+# (ptxas sm_90), so 5 programs (40 warps) per SM keep ~280 KB of loads in flight per SM. 4096 elements took 156
+# registers (one program per SM) with 8 warps and 80 with 16.
+GPU_BLOCK, GPU_WARPS = 2048, 8
 INTERPRETER_BLOCK = 64  # small, so CPU tests cover full (unmasked) blocks and tails alike
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -40,10 +43,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 @triton.jit
 def _tensor_ptr(table_ptr, row, t, n_tensors, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Row ``row`` of the pointer table for tensor ``t``, as a pointer to ``DTYPE`` (16-byte aligned if ALIGNED)."""
-    address = tl.load(table_ptr + row * n_tensors + t)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(DTYPE))
+    ptr = tl.load(table_ptr + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # on the pointer, not the int64 address: only there does the hint reach the loads' vector width
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -59,16 +62,20 @@ def _block(table_ptr, block_tensor_ptr, block_start_ptr, n_tensors, NUMEL_ROW: t
 @triton.jit
 def _load(ptr, offsets, mask):
     if mask is None:
-        return tl.load(ptr + offsets).to(tl.float32)
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(ptr + offsets)
+    else:
+        value = tl.load(ptr + offsets, mask=mask, other=0.0)
+    return value.to(tl.float32)
 
 
 @triton.jit
 def _lerp(start, end, weight, one_minus_weight, SMALL_WEIGHT: tl.constexpr):
-    """torch.lerp's formula (the same NaN/Inf pattern): from ``start`` when the weight is below 0.5, else from ``end``."""
+    """torch.lerp's formula (so the same NaN/Inf pattern): from ``start`` for weights below 0.5, else from ``end``."""
     if SMALL_WEIGHT:
-        return start + weight * (end - start)
-    return end - (end - start) * one_minus_weight
+        value = start + weight * (end - start)
+    else:
+        value = end - (end - start) * one_minus_weight
+    return value
 
 
 @triton.jit
@@ -104,23 +111,27 @@ def _grad(grad_ptr, offsets, mask, grad_scale, HAS_GRAD_SCALE: tl.constexpr, MAX
 
 @triton.jit
 def _step_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    skipped = False
     if HAS_FOUND_INF:
-        return tl.load(found_inf_ptr).to(tl.float32) != 0.0
-    return False
+        skipped = tl.load(found_inf_ptr).to(tl.float32) != 0.0
+    return skipped
 
 
 @triton.jit
 def _read_lr(lr_ptr, lr_value, LR_FROM_PTR: tl.constexpr):
     if LR_FROM_PTR:
-        return tl.load(lr_ptr).to(tl.float64)
-    return tl.cast(lr_value, tl.float64)
+        lr = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr = tl.cast(lr_value, tl.float64)
+    return lr
 
 
 @triton.jit
 def _read_grad_scale(grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
+    grad_scale = 1.0
     if HAS_GRAD_SCALE:
-        return tl.load(grad_scale_ptr).to(tl.float32)
-    return 1.0
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    return grad_scale
 
 
 # --- Adam / AdamW --------------------------------------------------------------------------------------------------
@@ -159,9 +170,9 @@ def _adam_kernel(
     lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
-    MAX_T: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-    SMALL_LERP_WEIGHT: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAX_T: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr, LR_FROM_PTR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Table rows: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD), step (float32), sizes."""
     if _step_skipped(found_inf_ptr, HAS_FOUND_INF):
@@ -254,8 +265,8 @@ def _swats_kernel(
     lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, EXP_AVG_T: tl.constexpr, EXP_AVG_SQ_T: tl.constexpr,
-    BUFFER_T: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BUFFER_T: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Table rows: param, grad, exp_avg, exp_avg_sq, momentum_buffer, step, sizes. ``switch_state``: the group's
     float64 vector [phase, lambda, sgd_lr, group_step, sum_pg, sum_pp] (layout in dlkernels.ops.optim). Adam (the
@@ -293,8 +304,11 @@ def _swats_kernel(
     store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, adam_mask)
     adam_update = -adam_step_size.to(tl.float32) * exp_avg / (tl.sqrt(exp_avg_sq) + eps)
     adam_update = tl.where(adam_mask, adam_update, 0.0)
-    tl.atomic_add(switch_state_ptr + 4, tl.sum(adam_update * grad, axis=0).to(tl.float64))  # SWATS_SUM_PG
-    tl.atomic_add(switch_state_ptr + 5, tl.sum(adam_update * adam_update, axis=0).to(tl.float64))  # SWATS_SUM_PP
+    # Relaxed: the sums are read by the next launch (_swats_switch_kernel), which the launch boundary orders; the
+    # default acq_rel would put two GPU-scope fences in every program.
+    tl.atomic_add(switch_state_ptr + 4, tl.sum(adam_update * grad, axis=0).to(tl.float64), sem="relaxed")  # SUM_PG
+    tl.atomic_add(switch_state_ptr + 5, tl.sum(adam_update * adam_update, axis=0).to(tl.float64),
+                  sem="relaxed")  # SWATS_SUM_PP
 
     buffer = tl.load(buffer_ptr + offsets, mask=sgd_mask, other=0.0).to(tl.float32)
     buffer = buffer * beta1 + grad
@@ -342,8 +356,11 @@ _TABLE_CACHE: collections.OrderedDict = collections.OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
-def _block_size(device: torch.device) -> int:
-    return GPU_BLOCK if gpu_launch_config(device) else INTERPRETER_BLOCK
+def _block_size(device: torch.device) -> tuple[int, int]:
+    """(elements, warps) per program."""
+    if gpu_launch_config(device):
+        return GPU_BLOCK, GPU_WARPS
+    return INTERPRETER_BLOCK, num_warps_for(INTERPRETER_BLOCK)
 
 
 def _launches(lists: list[list[torch.Tensor]], steps: list[torch.Tensor] | None, block: int) -> list[_Launch]:
@@ -410,7 +427,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, 
               weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf) -> None:
     """One launch per dtype bucket; every param must appear once (the op splits duplicates into rounds)."""
     _increment_steps(steps, found_inf)
-    block = _block_size(params[0].device)
+    block, num_warps = _block_size(params[0].device)
     like = params[0]
     lr_ptr, lr_value, lr_from_ptr = _lr_args(lr, lr_tensor, like)
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else []]
@@ -423,13 +440,13 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, 
             EXP_AVG_SQ_T=launch.dtypes[3], MAX_T=launch.dtypes[4],
             AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED=decoupled_weight_decay, HAS_WEIGHT_DECAY=weight_decay != 0,
             SMALL_LERP_WEIGHT=abs(1.0 - beta1) < 0.5, LR_FROM_PTR=lr_from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned, BLOCK=block, num_warps=num_warps_for(block),
+            HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned, BLOCK=block, num_warps=num_warps,
         )
 
 
 def sgd_step(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum, dampening, weight_decay,
              nesterov, maximize, grad_scale, found_inf) -> None:
-    block = _block_size(params[0].device)
+    block, num_warps = _block_size(params[0].device)
     like = params[0]
     lr_ptr, lr_value, lr_from_ptr = _lr_args(lr, lr_tensor, like)
     for launch in _launches([params, grads, momentum_buffers], None, block):
@@ -440,7 +457,7 @@ def sgd_step(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentu
             PARAM_T=launch.dtypes[0], GRAD_T=launch.dtypes[1], BUFFER_T=launch.dtypes[2],
             HAS_MOMENTUM=bool(momentum_buffers), FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize,
             HAS_WEIGHT_DECAY=weight_decay != 0, LR_FROM_PTR=lr_from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned, BLOCK=block, num_warps=num_warps_for(block),
+            HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned, BLOCK=block, num_warps=num_warps,
         )
 
 
@@ -448,7 +465,7 @@ def swats_step(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, sw
                beta2, eps, weight_decay, grad_scale, found_inf, finalize=True) -> None:
     """``finalize``: update the switch estimate after the updates (a group split into rounds does it once, last)."""
     _increment_steps(steps, found_inf)
-    block = _block_size(params[0].device)
+    block, num_warps = _block_size(params[0].device)
     like = params[0]
     lr_ptr, lr_value, lr_from_ptr = _lr_args(lr, lr_tensor, like)
     for launch in _launches([params, grads, exp_avgs, exp_avg_sqs, momentum_buffers], steps, block):
@@ -457,8 +474,9 @@ def swats_step(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, sw
             lr_ptr, lr_value, _optional(grad_scale, like), _optional(found_inf, like),
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
             PARAM_T=launch.dtypes[0], GRAD_T=launch.dtypes[1], EXP_AVG_T=launch.dtypes[2],
-            EXP_AVG_SQ_T=launch.dtypes[3], BUFFER_T=launch.dtypes[4], HAS_WEIGHT_DECAY=weight_decay != 0, LR_FROM_PTR=lr_from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned, BLOCK=block, num_warps=num_warps_for(block),
+            EXP_AVG_SQ_T=launch.dtypes[3], BUFFER_T=launch.dtypes[4], HAS_WEIGHT_DECAY=weight_decay != 0,
+            LR_FROM_PTR=lr_from_ptr, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned, BLOCK=block, num_warps=num_warps,
         )
     if finalize:
         if found_inf is None:

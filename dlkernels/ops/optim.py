@@ -1,11 +1,15 @@
 """Optimizer steps as mutating custom ops: ``dlkernels::adam_step``, ``sgd_step`` and ``swats_step``.
 
 Each updates a list of parameters and their state in place. Backends: the CUDA C++ multi-tensor kernel (one launch
-per dtype bucket, normally one per group), the Triton kernels (one launch per tensor) and the reference, which is
-torch's own single-tensor optimizer math (``torch.optim.adam.adam`` / ``torch.optim.sgd.sgd``) and, for SWATS, the
-paper's algorithm in eager PyTorch. Step counts, a tensor ``lr``, the AMP ``grad_scale`` (gradients are divided by
-it, and written back unscaled) and ``found_inf`` (non-zero: the step is skipped, step counts included) are read from
-device memory by the kernels.
+per dtype bucket, normally one per group), the Triton kernels (one launch per dtype and alignment bucket, through
+pointer tables) and the reference, which is torch's own single-tensor optimizer math (``torch.optim.adam.adam`` /
+``torch.optim.sgd.sgd``) and, for SWATS, the paper's algorithm in eager PyTorch. Step counts, a tensor ``lr``, the
+AMP ``grad_scale`` (gradients are divided by it, and written back unscaled) and ``found_inf`` (non-zero: the step is
+skipped, step counts included) are read from device memory by the kernels.
+
+Semantics are torch's for-loop optimizers', NaN/Inf included. A tensor listed twice (torch warns, then updates it
+twice in a row) is updated in rounds, never by two programs of one launch. The fake kernels check devices, shapes
+and lists too: they are also the Meta kernels, which a real call reaches when any argument is on the meta device.
 
 SWATS keeps one float64 vector per parameter group (``SWATS_STATE_SIZE`` entries, see the ``SWATS_*`` indices):
 the phase (0 Adam, 1 SGD), the EMA lambda of the projected rate gamma, the SGD rate chosen at the switch, the group's
@@ -314,8 +318,7 @@ def swats_step(
         return
     rounds = _rounds(params)
     for k, indices in enumerate(rounds):
-        params_k, *rest = _pick(lists + [steps], indices)
-        args = (params_k, *rest[:-1], rest[-1], switch_state, *hyper)
+        args = (*_pick(lists + [steps], indices), switch_state, *hyper)
         finalize = k == len(rounds) - 1  # the switch estimate is updated once, after the group's last round
         if impl == "cuda":
             _run_cuda("swats_step", (*args, finalize), params[0].device)

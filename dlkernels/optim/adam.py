@@ -1,4 +1,5 @@
-"""``dlkernels.optim.Adam`` and ``AdamW``: drop-in for ``torch.optim.Adam`` / ``AdamW`` on ``dlkernels.ops.adam_step``."""
+"""``dlkernels.optim.Adam`` and ``AdamW``: drop-ins for ``torch.optim.Adam`` / ``AdamW`` on ``dlkernels.ops.adam_step``.
+"""
 from __future__ import annotations
 
 from typing import Optional
