@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import adam_step
-from ._fused import FusedOptimizer, check_betas, check_lr, check_nonnegative
+from ._fused import FusedOptimizer, check_betas, check_lr, check_nonnegative, local_shards
 
 
 class Adam(FusedOptimizer):
@@ -83,7 +83,7 @@ class Adam(FusedOptimizer):
         lr, lr_tensor = self._lr(group)
         beta1, beta2 = group["betas"]
         adam_step(
-            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            *map(local_shards, (params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs)), steps,
             lr, lr_tensor, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             group["amsgrad"], group["maximize"], group["decoupled_weight_decay"], grad_scale, found_inf,
         )

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import sgd_step
-from ._fused import FusedOptimizer, check_lr, check_nonnegative
+from ._fused import FusedOptimizer, check_lr, check_nonnegative, local_shards
 
 
 class SGD(FusedOptimizer):
@@ -66,7 +66,7 @@ class SGD(FusedOptimizer):
             group["nesterov"], group["maximize"], grad_scale, found_inf,
         )
         if group["momentum"] == 0:
-            sgd_step(params, [p.grad for p in params], [], False, *hyper)
+            sgd_step(local_shards(params), local_shards([p.grad for p in params]), [], False, *hyper)
             return
         # Params without a buffer start it at their gradient (torch's rule), apart from those that have one.
         continuing = [p for p in params if self.state[p].get("momentum_buffer") is not None]
@@ -76,4 +76,4 @@ class SGD(FusedOptimizer):
         for subset, first_step in ((continuing, False), (starting, True)):
             if subset:
                 buffers = [self.state[p]["momentum_buffer"] for p in subset]
-                sgd_step(subset, [p.grad for p in subset], buffers, first_step, *hyper)
+                sgd_step(*map(local_shards, (subset, [p.grad for p in subset], buffers)), first_step, *hyper)

@@ -40,6 +40,8 @@ class SWATS(FusedOptimizer):
                     "fused": fused}
         super().__init__(params, defaults)
 
+    _elementwise = False  # the switch test sums over every element of the group
+
     def _init_param_group(self, group) -> None:
         device = group["params"][0].device if group["params"] else torch.device("cpu")
         state = group.get("switch_state")
