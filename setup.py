@@ -10,7 +10,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,6 +62,10 @@ def _extension_plan():
         name="dlkernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
+        # dlkernels._C.torch_version: `import dlkernels` compares it with the running torch (an extension built
+        # against another torch is not used; the Triton kernels run instead, with a warning).
+        # Passed bare and stringified in C++: quotes do not survive every build tool's command line.
+        define_macros=[("DLKERNELS_TORCH_VERSION", torch.__version__)],
         # No -std flag: BuildExtension adds the one the installed torch needs (C++17, or C++20 from torch 2.14).
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
     )
@@ -69,4 +73,11 @@ def _extension_plan():
 
 
 ext_modules, cmdclass = _extension_plan()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    # The benchmark modules ship as dlkernels.bench (the repository keeps them in bench/), so the `dlkernels bench`
+    # and `dlkernels-bench` commands work from an installed wheel.
+    packages=find_packages(include=["dlkernels", "dlkernels.*"]) + ["dlkernels.bench"],
+    package_dir={"dlkernels.bench": "bench"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

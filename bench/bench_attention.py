@@ -287,3 +287,20 @@ def checks() -> list:
         for g_name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
             results.append(compare(f"attention {name} {g_name}", g, rg, eg, factor=3.0))
     return results
+
+
+def launch_workload() -> None:
+    """The benchmark's Triton launches on CPU tensors, forward and backward, for bench/resource_usage.py (launches are
+    recorded, not run): dense B4 H16 N4096 D128 (bf16 and fp16, causal or not) and the window ±256 B2 H16 N16384 D64
+    bf16."""
+    configs = [((4, 16, 4096, 128), dtype, dict(causal=causal))
+               for dtype in (torch.bfloat16, torch.float16) for causal in (False, True)]
+    configs.append(((2, 16, 16384, 64), torch.bfloat16, dict(window=(256, 256))))
+    for shape, dtype, kwargs in configs:
+        q, k, v = (torch.empty(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+        b, h, n, d = shape
+        what = "causal" if kwargs.get("causal") else "window ±256" if "window" in kwargs else "dense"
+        name = f"{what} B{b} H{h} N{n} D{d} {str(dtype).replace('torch.', '')} fwd+bwd"
+        with dlkernels.backend("triton"), runner.workload_case(name):
+            out = attention(q, k, v, **kwargs)
+            torch.autograd.grad(out, (q, k, v), torch.empty_like(out))

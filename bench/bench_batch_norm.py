@@ -102,6 +102,22 @@ def checks() -> list:
     return results
 
 
+def launch_workload() -> None:
+    """The benchmark's Triton launches (QUICK shapes; train fwd+bwd, eval, fused ReLU) on CPU tensors, for
+    bench/resource_usage.py, which records them without running them: ``torch.empty`` inputs cost nothing."""
+    for (shape, dtype, layout), relu in [*((q, False) for q in QUICK), (QUICK[2], True)]:
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        name = f"{'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} {layout}{' +relu' if relu else ''}"
+        bn = dlkernels.nn.BatchNorm2d(shape[1], activation="relu" if relu else None)
+        x = torch.empty(shape, dtype=dtype).to(memory_format=fmt).requires_grad_()
+        with dlkernels.backend("triton"):
+            with runner.workload_case(f"{name} train fwd+bwd"):
+                y = bn.train()(x)
+                torch.autograd.grad(y, [x, *bn.parameters()], torch.empty_like(y))
+            with runner.workload_case(f"{name} eval"), torch.no_grad():
+                bn.eval()(x)
+
+
 if __name__ == "__main__":
     import sys
 

@@ -165,3 +165,26 @@ class _SwatsReference(dlkernels.optim.SWATS):
 
     def __init__(self, params, foreach=None, **kwargs):
         super().__init__(params, **kwargs)
+
+
+def launch_workload() -> None:
+    """Two steps of each optimizer over the anchor's 155.4M params (80 tensors; fp32, and bf16 for Adam) on CPU
+    tensors, for bench/resource_usage.py, which records the launches without running them. Params and grads are
+    ``torch.empty`` (untouched pages); the optimizer state each one allocates (up to 1.2 GB) is freed before the
+    next."""
+    configs = [
+        ("adam", dlkernels.optim.Adam, dict(lr=1e-3), torch.float32),
+        ("adamw", dlkernels.optim.AdamW, dict(lr=1e-3), torch.float32),
+        ("sgd-momentum", dlkernels.optim.SGD, dict(lr=1e-3, momentum=0.9), torch.float32),
+        ("swats", dlkernels.optim.SWATS, dict(lr=1e-3), torch.float32),
+        ("adam", dlkernels.optim.Adam, dict(lr=1e-3), torch.bfloat16),
+    ]
+    for name, cls, kwargs, dtype in configs:
+        params = [torch.empty(s, dtype=dtype).requires_grad_() for s in ANCHOR_SIZES]
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt = cls(params, **kwargs)
+        with dlkernels.backend("triton"), runner.workload_case(f"{name} 155M {str(dtype).replace('torch.', '')}"):
+            opt.step()
+            opt.step()
+        del opt, params

@@ -1,13 +1,17 @@
 """The one benchmark runner every ``bench/bench_<op>.py`` uses.
 
-A bench module defines ``OP`` (its name), ``cases(quick: bool) -> list[Case]`` (GPU timings) and
+A bench module defines ``OP`` (its name), ``cases(quick: bool) -> list[Case]`` (GPU timings),
 ``checks() -> list[dlkernels.testing.Comparison]`` (small-shape correctness, run on the CPU through Triton's
-interpreter when there is no GPU). This module times cases with CUDA events (``triton.testing.do_bench``: warm-up,
-median with 20/80 quantiles), measures the card's ceilings, and writes JSON rows, a markdown table and a PNG plot
-under ``bench/results/``.
+interpreter when there is no GPU) and ``launch_workload() -> None`` (the op's public entry points with the Triton
+backend at the benchmark shapes on CPU tensors, forward and backward: ``bench/resource_usage.py`` records those
+launches without running them and compiles each for sm_90; ``with runner.workload_case(name):`` names them).
+
+This module times cases with CUDA events (``triton.testing.do_bench``: warm-up, median with 20/80 quantiles),
+measures the card's ceilings, and writes JSON rows, a markdown table and a PNG plot under ``bench/results/``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -20,7 +24,18 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+def results_dir() -> Path:
+    """``$DLKERNELS_RESULTS``, else ``bench/results`` in a source checkout, else ``./dlkernels-results`` (an installed
+    wheel's package folder is no place for results)."""
+    if os.environ.get("DLKERNELS_RESULTS"):
+        return Path(os.environ["DLKERNELS_RESULTS"])
+    here = Path(__file__).resolve().parent
+    if (here.parent / "setup.py").is_file() and (here.parent / "dlkernels").is_dir():
+        return here / "results"
+    return Path.cwd() / "dlkernels-results"
+
+
+RESULTS = results_dir()
 OURS = "dlkernels"
 
 
@@ -36,6 +51,24 @@ class Case:
     flops: float | None = None  # useful floating-point operations, for TFLOP/s
     params: dict = field(default_factory=dict)  # shape, dtype, layout... for plots and JSON
     notes: dict = field(default_factory=dict)  # per-provider remarks (which SDPA backend ran, compile time...)
+
+
+_workload_case = [""]
+
+
+@contextlib.contextmanager
+def workload_case(name: str):
+    """Names the kernel launches made inside the block (``launch_workload``), for bench/resource_usage.py's table."""
+    previous = _workload_case[0]
+    _workload_case[0] = name
+    try:
+        yield
+    finally:
+        _workload_case[0] = previous
+
+
+def current_workload_case() -> str:
+    return _workload_case[0]
 
 
 def rotating(fn: Callable, input_sets: list) -> Callable[[], object]:
@@ -90,13 +123,24 @@ def _matmul_ms(n: int) -> float:
 
 
 def measure_ceilings() -> dict:
-    """The card's copy bandwidth (1 GiB bf16 device copy, read + write) and bf16 matmul rate (8192^3)."""
+    """The card's copy bandwidth (1 GiB bf16 device copy, read + write) and bf16 matmul rate (8192^3).
+
+    With ``$DLKERNELS_CEILINGS`` naming a file, a measurement stored there for this GPU is reused, else stored
+    (bench/gpu_check.sh runs each op in its own process: one measurement for all)."""
+    cache = Path(os.environ["DLKERNELS_CEILINGS"]) if os.environ.get("DLKERNELS_CEILINGS") else None
+    gpu = torch.cuda.get_device_name()
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("gpu") == gpu:
+            return stored["ceilings"]
     numel, n = 512 * 1024 * 1024, 8192
     ceilings = {
         "copy_GBps": 2 * numel * 2 / _copy_ms(numel) / 1e6,
         "bf16_mm_TFLOPs": 2 * n**3 / _matmul_ms(n) / 1e9,
     }
     torch.cuda.empty_cache()
+    if cache is not None:
+        cache.write_text(json.dumps({"gpu": gpu, "ceilings": ceilings}))
     return ceilings
 
 

@@ -2,18 +2,31 @@
 
 ``bench`` on a GPU times every implemented op against PyTorch/cuDNN and prints the table; without a GPU it runs each
 op's kernels against eager PyTorch on small shapes through Triton's interpreter and prints a correctness table.
-The benchmark scripts live in the repository's ``bench/`` folder (editable installs and source checkouts).
+The benchmark modules live in the repository's ``bench/`` folder and ship in the wheel as ``dlkernels.bench``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_dir() -> Path:
+    """The benchmark modules: the repository's ``bench/`` next to the package (source checkout, editable install),
+    else the installed ``dlkernels.bench`` (a wheel)."""
+    checkout = Path(__file__).resolve().parent.parent / "bench"
+    if (checkout / "runner.py").is_file():
+        return checkout
+    spec = importlib.util.find_spec("dlkernels.bench")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    raise SystemExit("dlkernels: the benchmark modules are missing (neither bench/ next to the package nor the "
+                     "installed dlkernels.bench)")
 
 
 def info() -> None:
@@ -36,10 +49,9 @@ def info() -> None:
 
 
 def bench_modules(only: list[str] | None):
-    if not BENCH_DIR.is_dir():
-        raise SystemExit(f"benchmarks need the repository's bench/ folder next to the package ({BENCH_DIR} is missing)")
-    sys.path.insert(0, str(BENCH_DIR))
-    names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+    folder = bench_dir()
+    sys.path.insert(0, str(folder))  # bench modules import their shared ``runner`` as a top-level module
+    names = sorted(p.stem for p in folder.glob("bench_*.py"))
     mods = {m.OP: m for m in (importlib.import_module(n) for n in names)}
     unknown = [op for op in only or [] if op not in mods]
     if unknown:

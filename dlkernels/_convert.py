@@ -315,6 +315,8 @@ class _Walk:
                         self.note(full[j], mods[j], "left alone", why)
                     i = max(taken) + 1
                     continue
+                if why is not None:  # the conv itself is replaced by the walk; say why its pool stays
+                    self.note(full[j], mods[j], "left alone", why)
             bn_types = tuple(_BATCH_NORMS) + (nn.SyncBatchNorm,)
             if relu and type(m) in bn_types and self.wanted(full[i], m):
                 new, detail = (_sync_batch_norm if type(m) is nn.SyncBatchNorm else _batch_norm)(m, relu=True)

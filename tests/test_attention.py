@@ -9,6 +9,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dlkernels
 from dlkernels.ops import attention
@@ -77,7 +79,7 @@ def check_against_reference(q, k, v, *, causal=False, window=None, scale=None, k
                             deterministic=False, keep=None, dropout_p=0.0, run=None):
     """Runs the Triton path (or ``run``), then checks out, dq, dk, dv against float64 with the eager-error budget."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    grad_out = make_input(q.shape, q.dtype, q.device, seed=99)
+    grad_out = make_input((*q.shape[:3], v.shape[3]), q.dtype, q.device, seed=99)
     with dlkernels.backend("triton"):
         if run is None:
             out = attention(q, k, v, causal=causal, window=window, scale=scale, key_padding_mask=key_padding_mask,
@@ -228,10 +230,10 @@ def test_strided_inputs(device, poisoned_empty):
 
 def test_keys_outside_window_blocks_are_never_read(device, poisoned_empty):
     """Keys more than a block beyond every window are NaN: block skipping (forward and backward) never touches them."""
-    from dlkernels.kernels.attention import block_config
+    from dlkernels.kernels.attention import block_configs
 
     d, left, right = 16, 4, 6
-    configs = [block_config(16, torch.device(device), kind) for kind in ("fwd", "dkdv", "dq")]
+    configs = [c for kind in ("fwd", "dkdv", "dq") for c in block_configs(16, torch.device(device), kind)]
     far = 2 * max(max(c["BLOCK_M"], c["BLOCK_N"]) for c in configs) + left + right
     n = far + 8 + 40
     rows = n - 8 - far  # queries 0 .. rows-1 are far from keys n-8 .. n-1
@@ -250,6 +252,73 @@ def test_keys_outside_window_blocks_are_never_read(device, poisoned_empty):
     for poisoned, clean in zip(*results):
         assert not poisoned.isnan().any()
         assert torch.equal(poisoned, clean)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property tests (hypothesis; the ci profile runs a small fixed budget, `pytest -m fuzz` the long one)
+
+side = st.one_of(st.none(), st.integers(0, 3), st.integers(4, 80))
+
+
+@st.composite
+def attention_problems(draw):
+    hkv = draw(st.integers(1, 2))
+    return dict(
+        b=draw(st.integers(1, 2)), hq=hkv * draw(st.integers(1, 2)), hkv=hkv,
+        nq=draw(st.integers(0, 70)), nk=draw(st.integers(0, 70)),
+        dk=draw(st.sampled_from([16, 24, 40])), dv=draw(st.sampled_from([None, 16, 32])),
+        window=draw(st.one_of(st.none(), st.tuples(side, side))), causal=draw(st.booleans()),
+        padding=draw(st.one_of(st.none(), st.floats(0.0, 1.0))), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _padding(b, nk, fraction, seed, device):
+    if fraction is None:
+        return None
+    return (torch.rand(b, nk, generator=torch.Generator().manual_seed(seed)) < fraction).to(device)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=min(8, settings().max_examples))
+@given(problem=attention_problems())
+def test_property_matches_reference(problem):
+    """fp16 kernel (forward and gradients) against float64 over odd lengths (0 included), windows, causal, GQA,
+    Dv != Dk and random key padding (CPU, interpreter: hypothesis and function-scoped fixtures do not mix)."""
+    p, device = problem, "cpu"
+    q, k, v = make_qkv(p["b"], p["hq"], p["hkv"], p["nq"], p["nk"], p["dk"], torch.float16, device, seed=p["seed"])
+    if p["dv"] is not None:
+        v = make_input((p["b"], p["hkv"], p["nk"], p["dv"]), torch.float16, device, seed=p["seed"] + 7,
+                       requires_grad=True)
+    kpm = _padding(p["b"], p["nk"], p["padding"], p["seed"], device)
+    check_against_reference(q, k, v, causal=p["causal"], window=p["window"], key_padding_mask=kpm)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=min(8, settings().max_examples))
+@given(problem=attention_problems(), placements=st.lists(
+    st.tuples(st.sampled_from(["q", "k"]), st.integers(0, 69), st.sampled_from([float("nan"), float("inf"),
+                                                                                  -float("inf")])),
+    min_size=1, max_size=3))
+def test_property_non_finite_inputs(problem, placements):
+    """Non-finite query rows and keys: the kernel's output is NaN exactly where torch's math path (float64) is,
+    and matches it elsewhere."""
+    p, device = problem, "cpu"
+    q, k, v = (t.detach() for t in make_qkv(p["b"], p["hq"], p["hkv"], p["nq"], p["nk"], p["dk"], torch.float16,
+                                            device, seed=p["seed"]))
+    for tensor_name, row, value in placements:
+        t = q if tensor_name == "q" else k
+        if t.shape[2]:
+            t[:, :, row % t.shape[2], row % t.shape[3]] = value
+    kpm = _padding(p["b"], p["nk"], p["padding"], p["seed"], device)
+    with dlkernels.backend("triton"):
+        out = attention(q, k, v, causal=p["causal"], window=p["window"], key_padding_mask=kpm)
+    allowed = explicit_allowed(p["nq"], p["nk"], p["window"], p["causal"], kpm, device)
+    ref = explicit_attention(q.double(), k.double(), v.double(), allowed, 1.0 / math.sqrt(p["dk"]))
+    assert torch.equal(out.isnan(), ref.isnan())
+    eager = explicit_attention(q, k, v, allowed, 1.0 / math.sqrt(p["dk"]))
+    finite = ~ref.isnan()
+    result = compare("out", out[finite], ref[finite], eager[finite])
+    assert result.ok, str(result)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,30 +431,136 @@ def test_reference_path_matches_kernel_definition(device):
                                 run=lambda: attention(q, k, v, window=(5, 9), key_padding_mask=kpm))
 
 
-@pytest.mark.parametrize(
-    "make_args,error",
-    [
-        (lambda q, k, v: ((q[0], k, v), {}), ValueError),
-        (lambda q, k, v: ((q, k.half(), v), {}), TypeError),
-        (lambda q, k, v: ((q.int(), k.int(), v.int()), {}), TypeError),
-        (lambda q, k, v: ((q, k, v[:, :, :5]), {}), ValueError),
-        (lambda q, k, v: ((q, k[..., :8], v[..., :8]), {}), ValueError),
-        (lambda q, k, v: ((q[:, :3], k, v), {}), ValueError),
-        (lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError),
-        (lambda q, k, v: ((q, k, v), {"window": (-1, 3)}), ValueError),
-        (lambda q, k, v: ((q, k, v), {"window": (3,)}), ValueError),
-        (lambda q, k, v: ((q, k, v), {"dropout_p": 1.0}), ValueError),
-        (lambda q, k, v: ((q, k, v), {"key_padding_mask": torch.zeros(2, 9, dtype=torch.bool)}), ValueError),
-        (lambda q, k, v: ((q, k, v), {"key_padding_mask": torch.zeros(2, 10)}), TypeError),
-    ],
-)
-def test_bad_inputs(make_args, error):
-    q = torch.randn(2, 4, 7, 16)
-    k = torch.randn(2, 2, 10, 16)
-    v = torch.randn(2, 2, 10, 16)
-    args, kwargs = make_args(q, k, v)
-    with pytest.raises(error):
-        attention(*args, **kwargs)
+# ---------------------------------------------------------------------------------------------------------------
+# Bad and edge input: every case on both backends, with the class it must give (an error naming the argument, or
+# the result torch's F.scaled_dot_product_attention gives).
+
+
+def _sdpa64(q, k, v, **kwargs):
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k, v, **kwargs)
+
+
+def _strided_padding_case():
+    """A (2, 10) padding mask with strides (0, 2): a view of an expanded wider mask."""
+    kpm = (torch.arange(20) % 3 == 0).view(1, 20).expand(2, 20)[:, ::2]
+    assert kpm.stride() == (0, 2)
+    out = attention(_q(), _kv(), _kv(), key_padding_mask=kpm)
+    return out, _sdpa64(_q(), _kv(), _kv(), attn_mask=~kpm.reshape(2, 1, 1, 10))
+
+
+def _q(shape=(2, 4, 7, 16), seed=0):
+    return make_input(shape, torch.float16, seed=seed)
+
+
+def _kv(shape=(2, 2, 10, 16), seed=1):
+    return make_input(shape, torch.float16, seed=seed)
+
+
+# (id, call -> result, expected): expected is (exception class, text the message must name) or "torch" (the result
+# must match torch's SDPA in float64 within the fp16 error rule).
+BAD_INPUTS = [
+    ("q-3d", lambda: attention(_q()[0], _kv(), _kv()), (ValueError, "q must be 4-D")),
+    ("k-dtype", lambda: attention(_q(), _kv().float(), _kv()), (TypeError, "dtype")),
+    ("int-dtype", lambda: attention(_q().int(), _kv().int(), _kv().int()), (TypeError, "q must be float")),
+    ("complex", lambda: attention(_q().cfloat(), _kv().cfloat(), _kv().cfloat()), (TypeError, "q must be float")),
+    ("q-not-tensor", lambda: attention(_q().numpy(), _kv(), _kv()), (TypeError, "q must be a tensor")),
+    ("v-length", lambda: attention(_q(), _kv(), _kv()[:, :, :5]), (ValueError, "k and v")),
+    ("k-head-dim", lambda: attention(_q(), _kv()[..., :8], _kv()), (ValueError, "k head dim")),
+    ("heads", lambda: attention(_q()[:, :3], _kv(), _kv()), (ValueError, "multiple of k/v heads")),
+    ("batch", lambda: attention(_q(), _kv()[:1], _kv()[:1]), (ValueError, "batch")),
+    ("device", lambda: attention(_q(), _kv().to("meta"), _kv()), (RuntimeError, "one device")),
+    ("window-negative", lambda: attention(_q(), _kv(), _kv(), window=(-1, 3)), (ValueError, "window left")),
+    ("window-arity", lambda: attention(_q(), _kv(), _kv(), window=(3,)), (ValueError, "window")),
+    ("window-float", lambda: attention(_q(), _kv(), _kv(), window=(2.5, 3)), (ValueError, "window left")),
+    ("dropout-1", lambda: attention(_q(), _kv(), _kv(), dropout_p=1.0), (ValueError, "dropout_p")),
+    ("dropout-negative", lambda: attention(_q(), _kv(), _kv(), dropout_p=-0.1), (ValueError, "dropout_p")),
+    ("kpm-shape", lambda: attention(_q(), _kv(), _kv(), key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)),
+     (ValueError, "key_padding_mask")),
+    ("kpm-float", lambda: attention(_q(), _kv(), _kv(), key_padding_mask=torch.zeros(2, 10)),
+     (TypeError, "key_padding_mask")),
+    ("kpm-list", lambda: attention(_q(), _kv(), _kv(), key_padding_mask=[[False] * 10] * 2),
+     (TypeError, "key_padding_mask")),
+    ("scale-nan", lambda: attention(_q(), _kv(), _kv(), scale=float("nan")), (ValueError, "scale")),
+    ("scale-1d", lambda: attention(_q(), _kv(), _kv(), scale=torch.ones(2)), (ValueError, "scale")),
+    ("causal-str", lambda: attention(_q(), _kv(), _kv(), causal="yes"), (TypeError, "causal")),
+    ("empty-nq", lambda: (attention(_q((2, 4, 0, 16)), _kv(), _kv()), _sdpa64(_q((2, 4, 0, 16)), _kv(), _kv())),
+     "torch"),
+    ("empty-nk", lambda: (attention(_q(), _kv((2, 2, 0, 16)), _kv((2, 2, 0, 16))),
+                          _sdpa64(_q(), _kv((2, 2, 0, 16)), _kv((2, 2, 0, 16)))), "torch"),
+    ("empty-d", lambda: (attention(_q((2, 4, 7, 0)), _kv((2, 2, 10, 0)), _kv((2, 2, 10, 0))),
+                         _sdpa64(_q((2, 4, 7, 0)), _kv((2, 2, 10, 0)), _kv((2, 2, 10, 0)))), "torch"),
+    ("empty-dk", lambda: (attention(_q((2, 4, 7, 0)), _kv((2, 2, 10, 0)), _kv()),
+                          _sdpa64(_q((2, 4, 7, 0)), _kv((2, 2, 10, 0)), _kv(), scale=1.0)), "torch"),
+    ("empty-batch", lambda: (attention(_q((0, 4, 7, 16)), _kv((0, 2, 10, 16)), _kv((0, 2, 10, 16))),
+                             _sdpa64(_q((0, 4, 7, 16)), _kv((0, 2, 10, 16)), _kv((0, 2, 10, 16)))), "torch"),
+    ("dv-differs", lambda: (attention(_q(), _kv(), _kv((2, 2, 10, 40))), _sdpa64(_q(), _kv(), _kv((2, 2, 10, 40)))),
+     "torch"),
+    ("scale-0d-tensor", lambda: (attention(_q(), _kv(), _kv(), scale=torch.tensor(0.7)),
+                                 _sdpa64(_q(), _kv(), _kv(), scale=0.7)), "torch"),
+    ("kpm-strided", lambda: _strided_padding_case(), "torch"),
+    ("qkv-strided", lambda: (attention(_q((2, 7, 4, 16)).transpose(1, 2), _kv((2, 10, 2, 16)).transpose(1, 2),
+                                       _kv((2, 16, 2, 10), seed=2).permute(0, 2, 3, 1)),
+                             _sdpa64(_q((2, 7, 4, 16)).transpose(1, 2), _kv((2, 10, 2, 16)).transpose(1, 2),
+                                     _kv((2, 16, 2, 10), seed=2).permute(0, 2, 3, 1))), "torch"),
+]
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("call,expected", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_and_edge_inputs(call, expected, impl):
+    with dlkernels.backend(impl):
+        if expected == "torch":
+            out, ref = call()
+            eager = ref.half()  # the fp16 error bar: torch's result rounded to the dtype
+            result = compare("out", out, ref, eager)
+            assert result.ok, str(result)
+        else:
+            error, text = expected
+            with pytest.raises(error, match=text):
+                call()
+
+
+def test_empty_inputs_have_empty_gradients(device):
+    for shapes in [((2, 2, 0, 16), (2, 1, 5, 16), (2, 1, 5, 16)), ((2, 2, 4, 16), (2, 1, 0, 16), (2, 1, 0, 24))]:
+        q, k, v = (make_input(s, torch.float16, device, seed=i, requires_grad=True) for i, s in enumerate(shapes))
+        with dlkernels.backend("triton"):
+            out = attention(q, k, v)
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), allow_unused=True)
+        assert out.shape == (*q.shape[:3], v.shape[3]) and not out.any()
+        for g, t in zip(grads, (q, k, v)):
+            assert g.shape == t.shape and not g.any()
+
+
+def test_value_head_dim_differs(device, poisoned_empty):
+    """Dv != Dk (torch's SDPA allows it) runs on the kernel: forward and gradients against float64."""
+    q, k, _ = make_qkv(1, 4, 2, 45, 37, 24, torch.float16, device, seed=91)
+    v = make_input((1, 2, 37, 40), torch.float16, device, seed=92, requires_grad=True)
+    check_against_reference(q, k, v, window=(9, 4))
+
+
+def test_nan_and_inf_follow_torch(device):
+    """A non-finite query row, or a non-finite key a row attends, makes that row NaN exactly where torch's math
+    path does; other rows stay finite and correct. A row whose attended scores are all -inf is NaN (torch's
+    softmax), unlike a row with no key at all (0)."""
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 40, 50, 16, torch.float16, device, seed=93))
+    q[0, 0, 3] = float("nan")
+    q[0, 1, 5] = float("inf")
+    k[0, 0, 20] = float("nan")
+    k[0, 1, 30] = float("-inf")
+    q[0, 0, 10] = 0.0
+    q[0, 0, 10, 0] = 1.0
+    k[0, 0, 8:13, 0] = -float("inf")  # row 10 attends keys 8..12 only: all its scores -inf
+    window = (2, 2)
+    with dlkernels.backend("triton"):
+        out = attention(q, k, v, window=window)
+    allowed = explicit_allowed(40, 50, window, False, None, device)
+    ref = explicit_attention(q.double(), k.double(), v.double(), allowed, 0.25)
+    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1), ref.isnan().any(-1))
+    assert out.isnan()[0, 0, 10].all() and out.isnan()[0, 0, 3].all() and out.isnan()[0, 0, 18:23].all()
+    finite = ~ref.isnan()
+    torch.testing.assert_close(out.double()[finite], ref[finite], rtol=0, atol=4e-3)
 
 
 @pytest.mark.gpu

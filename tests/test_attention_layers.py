@@ -178,22 +178,119 @@ def test_nested_input_follows_torch():
             ours(x, x, x, need_weights=False)
 
 
-def test_bad_input_raises_what_torch_raises():
-    theirs = nn.MultiheadAttention(E, HEADS, batch_first=True)
-    ours = dlkernels.nn.MultiheadAttention(E, HEADS, batch_first=True)
+def _x(*shape, seed=0):
+    return make_input(shape, seed=seed)
+
+
+def _nan_row(x, row):
+    x = x.clone()
+    x[:, row] = float("nan")
+    return x
+
+
+_KPM = torch.zeros(2, 5, dtype=torch.bool).index_fill_(1, torch.tensor([3, 4]), True)
+_STRIDED_KPM = torch.zeros(5, 4, dtype=torch.bool).index_fill_(0, torch.tensor([4]), True).t()[1:3]  # (2, 5), strided
+
+# Bad and edge input for the drop-ins, each with the class it must give on both backends: ``"torch"`` (torch's own
+# result, to rounding), ``"math"`` (torch's math path, ``need_weights=True``: torch's CPU SDPA drops a NaN query row,
+# its math path and ours keep it NaN), or the exception class torch raises (ours must raise the same).
+# Modules: "mha" = MultiheadAttention(E, HEADS, batch_first=True), "tel" = TransformerEncoderLayer(batch_first=True).
+LAYER_INPUTS = [
+    ("embed-size", "mha", lambda m: m(*[_x(2, 5, E + 1)] * 3, need_weights=False), AssertionError),
+    ("key-value-lengths", "mha", lambda m: m(_x(2, 5, E), _x(2, 6, E), _x(2, 7, E), need_weights=False),
+     AssertionError),
+    ("kpm-shape", "mha", lambda m: m(*[_x(2, 5, E)] * 3, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool),
+                                     need_weights=False), AssertionError),
+    ("kpm-int", "mha", lambda m: m(*[_x(2, 5, E)] * 3, key_padding_mask=torch.zeros(2, 5, dtype=torch.int32),
+                                   need_weights=False), AssertionError),
+    ("kpm-1d-batched", "mha", lambda m: m(*[_x(2, 5, E)] * 3, key_padding_mask=torch.zeros(5, dtype=torch.bool),
+                                          need_weights=False), AssertionError),
+    ("query-4d", "mha", lambda m: m(_x(2, 5, E, 1), _x(2, 5, E), _x(2, 5, E), need_weights=False), AssertionError),
+    ("query-1d", "mha", lambda m: m(_x(E), _x(E), _x(E), need_weights=False), AssertionError),
+    ("unbatched-query-batched-key", "mha", lambda m: m(_x(5, E), _x(2, 5, E), _x(2, 5, E), need_weights=False),
+     AssertionError),
+    ("batch-mismatch", "mha", lambda m: m(_x(2, 5, E), _x(3, 5, E), _x(3, 5, E), need_weights=False), RuntimeError),
+    ("attn-mask-shape", "mha", lambda m: m(*[_x(2, 5, E)] * 3, attn_mask=torch.zeros(3, 3, dtype=torch.bool),
+                                           need_weights=False), RuntimeError),
+    ("attn-mask-int", "mha", lambda m: m(*[_x(2, 5, E)] * 3, attn_mask=torch.zeros(5, 5, dtype=torch.int64),
+                                         need_weights=False), AssertionError),
+    ("attn-mask-3d-batch", "mha", lambda m: m(*[_x(2, 5, E)] * 3, attn_mask=torch.zeros(3, 5, 5, dtype=torch.bool),
+                                              need_weights=False), RuntimeError),
+    ("dtype-mismatch", "mha", lambda m: m(*[_x(2, 5, E).double()] * 3, need_weights=False), RuntimeError),
+    ("empty-sequence", "mha", lambda m: m(*[_x(2, 0, E)] * 3, need_weights=False), "torch"),
+    ("empty-sequence-weights", "mha", lambda m: m(*[_x(2, 0, E)] * 3), "torch"),
+    ("empty-keys", "mha", lambda m: m(_x(2, 5, E), _x(2, 0, E), _x(2, 0, E), need_weights=False), "torch"),
+    ("empty-batch", "mha", lambda m: m(*[_x(0, 5, E)] * 3, need_weights=False), "torch"),
+    ("padding", "mha", lambda m: m(*[_x(2, 5, E)] * 3, key_padding_mask=_KPM, need_weights=False), "torch"),
+    ("strided-padding", "mha", lambda m: m(*[_x(2, 5, E)] * 3, key_padding_mask=_STRIDED_KPM, need_weights=False),
+     "torch"),
+    ("strided-query", "mha", lambda m: m(_x(5, 2, E).transpose(0, 1), _x(2, 5, E), _x(2, 5, E), need_weights=False),
+     "torch"),
+    ("fully-padded", "mha", lambda m: m(*[_x(2, 5, E)] * 3, key_padding_mask=torch.ones(2, 5, dtype=torch.bool),
+                                        need_weights=False), "torch"),
+    ("nan-query-row", "mha", lambda m: m(_nan_row(_x(2, 5, E), 2), _x(2, 5, E), _x(2, 5, E), need_weights=False),
+     "math"),
+    ("nan-key-row", "mha", lambda m: m(_x(2, 5, E), _nan_row(_x(2, 5, E), 1), _x(2, 5, E), need_weights=False),
+     "torch"),
+    ("tel-embed-size", "tel", lambda m: m(_x(2, 5, E + 2)), AssertionError),
+    ("tel-kpm-shape", "tel", lambda m: m(_x(2, 5, E), src_key_padding_mask=torch.zeros(2, 6, dtype=torch.bool)),
+     AssertionError),
+    ("tel-src-mask-shape", "tel", lambda m: m(_x(2, 5, E), src_mask=torch.zeros(4, 4, dtype=torch.bool)),
+     RuntimeError),
+    ("tel-empty-sequence", "tel", lambda m: m(_x(2, 0, E)), "torch"),
+    ("tel-padding", "tel", lambda m: m(_x(2, 5, E), src_key_padding_mask=_KPM), "torch"),
+]
+
+
+def _math_path(call, module):
+    """torch's result on its math path: need_weights=True (the weights are dropped)."""
+    def with_weights(m):
+        return call(lambda *a, **kw: m(*a, **{**kw, "need_weights": True}))
+    return with_weights(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module_kind,call,expected", [c[1:] for c in LAYER_INPUTS], ids=[c[0] for c in LAYER_INPUTS])
+def test_bad_and_edge_inputs_follow_torch(module_kind, call, expected, backend):
+    if module_kind == "mha":
+        theirs = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        ours = dlkernels.nn.MultiheadAttention(E, HEADS, batch_first=True)
+    else:
+        theirs = nn.TransformerEncoderLayer(**ENCODER, batch_first=True)
+        ours = dlkernels.nn.TransformerEncoderLayer(**ENCODER, batch_first=True)
+    randomize(theirs, 3)
     ours.load_state_dict(theirs.state_dict())
-    x = make_input((2, 5, E))
-    bad_calls = [
-        lambda m: m(*[make_input((2, 5, E + 1))] * 3),  # wrong embedding size
-        lambda m: m(x, make_input((2, 6, E)), make_input((2, 7, E)), need_weights=False),  # key/value lengths
-        lambda m: m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool), need_weights=False),
-        lambda m: m(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.int32), need_weights=False),
-    ]
-    for call in bad_calls:
-        with pytest.raises(Exception) as theirs_error:
+    if isinstance(expected, type):
+        with pytest.raises(expected):
             call(theirs)
-        with pytest.raises(theirs_error.type):
+        with dlkernels.backend(backend), pytest.raises(expected):
             call(ours)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp32 runs the op's reference path (it says so once)
+        with dlkernels.backend(backend):
+            got = call(ours)
+        wanted = _math_path(call, theirs) if expected == "math" else call(theirs)
+    got, wanted = (r[0] if isinstance(r, tuple) else r for r in (got, wanted))
+    torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("window", [None, (1, 2)], ids=str)
+def test_half_precision_edges_on_the_kernel(window):
+    """fp16 on the Triton kernel: empty sequences, NaN query rows and strided padding as torch's math path gives."""
+    ours, theirs, ref = trio(nn.MultiheadAttention, dlkernels.nn.MultiheadAttention,
+                             dict(embed_dim=E, num_heads=HEADS, batch_first=True), window=window, dtype=torch.float16)
+    blocked = None if window is None else blocked_by_window(5, 5, *window)
+    x = _x(2, 5, E).half()
+    with dlkernels.backend("triton"):
+        empty = ours(*[x[:, :0]] * 3, need_weights=False)[0]
+        got = ours(_nan_row(x, 2), x, x, key_padding_mask=_STRIDED_KPM, need_weights=False)[0]
+    assert empty.shape == (2, 0, E)
+    wanted = ref(_nan_row(x, 2).double(), x.double(), x.double(), key_padding_mask=_STRIDED_KPM, attn_mask=blocked)[0]
+    eager = theirs(_nan_row(x, 2), x, x, key_padding_mask=_STRIDED_KPM, attn_mask=blocked)[0]
+    assert torch.equal(got.isnan(), wanted.isnan()) and got[:, 2].isnan().all()
+    finite = ~wanted.isnan()
+    assert_close(got[finite], wanted[finite], eager[finite])
 
 
 # --------------------------------------------------------------------------------------------- MultiheadAttention

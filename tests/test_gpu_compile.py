@@ -1,19 +1,19 @@
-"""Compiles every Triton kernel launch of a representative workload for the GPU (sm_90), on a machine
-without one: the interpreter accepts code that the GPU compiler rejects (shapes, dtypes, dot sizes), so this catches
-it before a GPU is lent.
+"""Compiles every Triton kernel launch of a small workload for the GPU (sm_90), on a machine without one: the
+interpreter accepts code that the GPU compiler rejects (shapes, dtypes, dot sizes), so this catches it before a GPU is
+lent.
 
-The workload runs under the interpreter with launches recorded (kernel, argument types, constexprs, warps, stages)
-and with the GPU launch heuristics (``DLKERNELS_GPU_LAUNCH_CONFIG=1``); a subprocess without the interpreter then
-compiles each distinct launch ahead of time with ``triton.compile`` for a CUDA target, ptxas included.
+The workload runs under the interpreter with the GPU launch heuristics (``DLKERNELS_GPU_LAUNCH_CONFIG=1``) and every
+launch recorded, not executed, and specialized as the JIT specializes it on the GPU (unit strides as constants,
+16-divisibility of pointers and ints); a subprocess without the interpreter compiles each distinct specialization for
+sm_90, ptxas included. The recording and compiling are bench/resource_usage.py's (one place): that command does the
+same at the benchmark shapes and prints registers, spills, shared memory, waves and the MMA kinds.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
 import os
-import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,48 +21,13 @@ import torch
 import dlkernels
 from dlkernels.testing import make_input
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import resource_usage  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
     reason="on a GPU the real launches compile these kernels",
 )
-
-_TORCH_TO_TRITON = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1",
-}
-
-
-def _is_constexpr(annotation) -> bool:
-    return "constexpr" in str(annotation)
-
-
-def _describe(fn, args, kwargs) -> dict:
-    """A JSON-able launch description: argument types, constexpr values and compile options."""
-    params = list(inspect.signature(fn).parameters.values())
-    bound = dict(zip([p.name for p in params], args))
-    bound.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
-    signature, constexprs = {}, {}
-    for p in params:
-        value = bound.get(p.name, p.default)
-        if _is_constexpr(p.annotation):
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = {"dtype": str(value)} if type(value).__name__ == "dtype" else value
-        elif isinstance(value, torch.Tensor):
-            signature[p.name] = "*" + _TORCH_TO_TRITON[value.dtype]
-        elif isinstance(value, bool):
-            signature[p.name] = "i1"
-        elif isinstance(value, int):
-            signature[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[p.name] = "fp32"
-        elif value is None:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = None
-        else:
-            raise TypeError(f"{fn.__name__}: cannot describe argument {p.name}={value!r}")
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": options}
 
 
 def _workload():
@@ -90,6 +55,16 @@ def _workload():
                     out = dlkernels.ops.attention(q, k, v, causal=causal, window=window, dropout_p=dropout,
                                                   deterministic=deterministic, key_padding_mask=key_padding_mask)
                     out.sum().backward()
+        # conv2d: flattened-K (C_in=3) and tap-by-tap (C_in=32) reductions, every epilogue, a strided dgrad.
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for c_in, kernel, stride, padding, relu, pool in ((3, 3, 1, 1, "relu", ("max", 2)),
+                                                              (32, 3, 1, 1, "relu", ("max", 2)),
+                                                              (32, 3, 2, 1, "relu", ("avg", 2)),
+                                                              (3, 7, 2, 3, None, None), (32, 1, 1, 0, "relu", None)):
+                x = make_input((2, c_in, 12, 12), dtype, memory_format=torch.channels_last, requires_grad=True)
+                w = make_input((32, c_in, kernel, kernel), dtype, seed=1, requires_grad=True)
+                b = make_input(32, dtype, seed=2, requires_grad=True)
+                dlkernels.ops.conv2d(x, w, b, stride, padding, activation=relu, pool=pool).sum().backward()
         for dtype in (torch.float32, torch.bfloat16):
             params = [torch.nn.Parameter(make_input((37,), dtype, seed=i)) for i in range(2)]
             for p in params:
@@ -99,60 +74,70 @@ def _workload():
                         dlkernels.optim.SWATS(params)):
                 opt.step()
                 opt.step()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):  # LSTM: the per-step engine's cell kernels
+            for batch, hidden, proj in ((3, 6, 0), (8, 128, 0), (2, 16, 8)):
+                lstm = dlkernels.nn.LSTM(hidden, hidden, bidirectional=True, proj_size=proj).to(dtype)
+                x = make_input((3, batch, hidden), dtype, requires_grad=True)
+                packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.arange(batch, 0, -1).clamp(max=3))
+                y, (h, c) = lstm(packed)
+                (y.data.sum() + h.sum() + c.sum()).backward()
+                lstm(x)[0].sum().backward()
+            cell = dlkernels.nn.LSTMCell(5, 8).to(dtype)
+            sum(cell(make_input((3, 5), dtype, requires_grad=True))).sum().backward()
 
 
-def test_every_triton_launch_compiles_for_the_gpu(tmp_path, monkeypatch):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    launches = {}
-    original_run = InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        desc = _describe(self.fn, args, kwargs)
-        launches[json.dumps(desc, sort_keys=True)] = desc
-        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
-    monkeypatch.setenv("DLKERNELS_GPU_LAUNCH_CONFIG", "1")
-    _workload()
-    modules = {d["module"] for d in launches.values()}
-    assert {"dlkernels.kernels.batch_norm", "dlkernels.kernels.attention", "dlkernels.kernels.optim"} <= modules
-
-    path = tmp_path / "launches.json"
-    path.write_text(json.dumps(list(launches.values())))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DLKERNELS_GPU_LAUNCH_CONFIG")}
-    proc = subprocess.run([sys.executable, __file__, str(path)], capture_output=True, text=True, env=env,
-                          timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
-
-
-def _compile_one(desc: dict) -> str | None:
-    """Compiles one described launch for sm_90; returns the error, or None."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(importlib.import_module(desc["module"]), desc["name"])
-    constexprs = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in desc["constexprs"].items()}
+@pytest.fixture(scope="module")
+def compiled():
+    """Every launch of ``_workload`` with its sm_90 compile result (compiled once per test module)."""
+    os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"] = "1"
     try:
-        src = ASTSource(fn, desc["signature"], constexprs=constexprs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=desc["options"])
-    except Exception as exc:  # every failing launch is reported, not only the first
-        return f"FAILED {desc['name']} {desc['constexprs']} {desc['signature']}:\n{type(exc).__name__}: {exc}\n"
-    return None
+        launches = resource_usage.record(_workload)
+    finally:
+        del os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"]
+    return resource_usage.compile_launches(launches)
 
 
-def _compile_all(path: str) -> int:
-    """Subprocess side: compiles every described launch on all cores; prints failures, returns their count."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    launches = json.load(open(path))
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        failures = [err for err in pool.map(_compile_one, launches) if err]
-    print("".join(failures) + f"{len(launches)} launches, {len(failures)} failed compiles for sm_90")
-    return len(failures)
+def _describe(row: dict) -> str:
+    consts = {k: v for k, v in resource_usage._named_constexprs(row).items() if k.isupper()}
+    return f"{row['name']} {row['signature']} {consts} {row['options'].get('num_warps')} warps"
 
 
-if __name__ == "__main__":
-    sys.exit(1 if _compile_all(sys.argv[1]) else 0)
+def test_every_triton_launch_compiles_for_the_gpu(compiled):
+    modules = {row["module"] for row in compiled}
+    assert {"dlkernels.kernels.batch_norm", "dlkernels.kernels.attention", "dlkernels.kernels.optim",
+            "dlkernels.kernels.lstm", "dlkernels.kernels.conv"} <= modules
+    failed = [f"FAILED {_describe(row)}:\n{row['error']}" for row in compiled if "error" in row]
+    assert not failed, "\n\n".join(failed) + f"\n{len(failed)} of {len(compiled)} launches failed to compile"
+
+
+def test_spills_are_reported(compiled):
+    """Spills are a speed problem, not an error: listed as a warning (``bench/resource_usage.py`` shows them at the
+    benchmark shapes, where issue 8 wants none)."""
+    spilled = sorted({f"{row['spill_bytes']} B: {_describe(row)}" for row in compiled if row.get("spill_bytes")})
+    if spilled:
+        warnings.warn("launches that spill registers on sm_90:\n" + "\n".join(spilled))
+    assert all("spill_bytes" in row for row in compiled if "error" not in row)
+
+
+def _attention_rows(compiled):
+    return [r for r in compiled if r["module"] == "dlkernels.kernels.attention" and "error" not in r
+            and r["dots"]]
+
+
+@pytest.mark.xfail(reason="issue 8 item 2: dK/dV and dQ dots still on mma.sync (remove when the rewrite lands)",
+                   strict=True)
+def test_every_attention_dot_is_wgmma(compiled):
+    rows = _attention_rows(compiled)
+    assert rows
+    not_wgmma = sorted({f"{r['dots']}: {_describe(r)}" for r in rows if set(r["dots"]) != {"wgmma"}})
+    assert not not_wgmma, "\n".join(not_wgmma)
+
+
+@pytest.mark.xfail(reason="issue 8 item 2: the dK/dV pass still adds dQ with atomics (remove when the rewrite lands)",
+                   strict=True)
+def test_no_attention_kernel_has_gpu_fences_or_atomics(compiled):
+    rows = [r for r in compiled if r["module"] == "dlkernels.kernels.attention" and "error" not in r]
+    assert rows
+    bad = sorted({f"{r['sass']}: {_describe(r)}" for r in rows
+                  if r["sass"].get("MEMBAR.GPU") or r["sass"].get("atomics")})
+    assert not bad, "\n".join(bad)

@@ -14,10 +14,6 @@ from dlkernels.testing import make_input
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
-# TEMPORARY until issues 9 and 10 land on main (removed at that merge).
-if not all(hasattr(dlkernels.nn, name) for name in ("Conv2d", "LSTM", "LSTMCell")):
-    pytest.skip("needs dlkernels.nn.Conv2d and LSTM (issues 9, 10)", allow_module_level=True)
-
 # Parameter counts torchvision documents for its ImageNet models (1000 classes).
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "vgg11": 132_863_336,
                       "vgg11_bn": 132_868_840, "vgg16": 138_357_544, "vgg16_bn": 138_365_992}

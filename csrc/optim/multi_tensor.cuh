@@ -76,15 +76,32 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+template <typename T, int kLists>
+__device__ __forceinline__ void load_vectors(T* const __restrict__ (&ptrs)[kLists], unsigned load_mask, int64_t i,
+                                             Vec<T, 16 / sizeof(T)> (&in)[kLists]) {
+#pragma unroll
+  for (int l = 0; l < kLists; ++l) {
+    if (load_mask & (1u << l)) {
+      in[l] = *reinterpret_cast<const Vec<T, 16 / sizeof(T)>*>(ptrs[l] + i);
+    }
+  }
+}
+
 // Runs op(float (&x)[kLists]) on every element in [begin, end) of the tensor whose list addresses are `ptrs`.
 // Only lists in load_mask are read (others read as 0) and only lists in store_mask are written back.
+//
+// The lists never overlap one another (distinct tensors; the Python op splits a param listed twice into rounds), so
+// the pointers are __restrict__ and the vector loop loads the next 16-byte group of every list before it computes and
+// stores the current one: the loads of the next iteration are in flight during the math and the stores.
 template <typename T, int kLists, typename Op>
-__device__ __forceinline__ void for_each_element(T* const* ptrs, unsigned load_mask, unsigned store_mask,
+__device__ __forceinline__ void for_each_element(T* const* ptr_list, unsigned load_mask, unsigned store_mask,
                                                  int64_t begin, int64_t end, Op& op) {
   constexpr int kVec = 16 / sizeof(T);
+  T* __restrict__ ptrs[kLists];
   bool aligned = true;
 #pragma unroll
   for (int l = 0; l < kLists; ++l) {
+    ptrs[l] = ptr_list[l];
     if ((load_mask | store_mask) & (1u << l)) {
       aligned = aligned && (reinterpret_cast<uintptr_t>(ptrs[l] + begin) % 16 == 0);
     }
@@ -92,17 +109,14 @@ __device__ __forceinline__ void for_each_element(T* const* ptrs, unsigned load_m
   int64_t scalar_begin = begin;
   if (aligned) {
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    const int64_t stride = static_cast<int64_t>(blockDim.x) * kVec;
     scalar_begin = vec_end;
-#pragma unroll 2
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
-         i += static_cast<int64_t>(blockDim.x) * kVec) {
-      Vec<T, kVec> in[kLists];
-#pragma unroll
-      for (int l = 0; l < kLists; ++l) {
-        if (load_mask & (1u << l)) {
-          in[l] = *reinterpret_cast<const Vec<T, kVec>*>(ptrs[l] + i);
-        }
-      }
+    int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec;
+    Vec<T, kVec> in[kLists];
+    if (i < vec_end) load_vectors<T, kLists>(ptrs, load_mask, i, in);
+    for (; i < vec_end; i += stride) {
+      Vec<T, kVec> next[kLists];
+      if (i + stride < vec_end) load_vectors<T, kLists>(ptrs, load_mask, i + stride, next);
       Vec<T, kVec> out[kLists];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
@@ -122,6 +136,7 @@ __device__ __forceinline__ void for_each_element(T* const* ptrs, unsigned load_m
         if (store_mask & (1u << l)) {
           *reinterpret_cast<Vec<T, kVec>*>(ptrs[l] + i) = out[l];
         }
+        in[l] = next[l];
       }
     }
   }
@@ -139,6 +154,15 @@ __device__ __forceinline__ void for_each_element(T* const* ptrs, unsigned load_m
       }
     }
   }
+}
+
+// torch.maximum: NaN when either operand is NaN (fmaxf returns the other operand).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? a + b : fmaxf(a, b); }
+
+// torch.lerp's formula, for the same NaN/Inf pattern: from `start` when the weight is below 0.5, else from `end`.
+__device__ __forceinline__ float lerp_as_torch(float start, float end, float weight, float one_minus_weight,
+                                               bool small_weight) {
+  return small_weight ? start + weight * (end - start) : end - (end - start) * one_minus_weight;
 }
 
 // True in every thread of the block that finishes last in the grid (all other blocks' writes are visible to it).

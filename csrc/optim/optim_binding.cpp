@@ -175,7 +175,7 @@ void swats_step_py(const TensorList& params, const TensorList& grads, const Tens
                 const TensorList& exp_avg_sqs, const TensorList& momentum_buffers, const TensorList& steps,
                 const at::Tensor& switch_state, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                 double beta2, double eps, double weight_decay, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, int64_t stream) {
+                const std::optional<at::Tensor>& found_inf, bool finalize, int64_t stream) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::DeviceGuard guard(device);
@@ -190,7 +190,7 @@ void swats_step_py(const TensorList& params, const TensorList& grads, const Tens
                               device_scalar(found_inf, device, keep_alive, "found_inf")};
   for (size_t i = 0; i < buckets.size(); ++i) {
     const SwatsOptions options{lr,           beta1, beta2, eps, weight_decay, switch_state.data_ptr<double>(),
-                               i + 1 == buckets.size()};
+                               finalize && i + 1 == buckets.size()};
     check(optim::swats_step(buckets[i].view(true), scalars, options, stream_counter(device, stream),
                             as_stream(stream)),
           "swats_step");

@@ -12,15 +12,29 @@ namespace {
 
 constexpr unsigned kGradBit = 1u << 1;
 
-// Per-launch values every block needs; the per-tensor ones (bias corrections) are derived in the kernel.
+// Per-launch values every block needs. The per-tensor bias corrections 1 - beta^step are derived in the kernel from
+// the tensor's step count as -expm1f(step * log(beta)), log(beta) computed once on the host in double: a few fp32
+// instructions per thread (no fp64 pow), accurate to ~2e-7 relative at any step (expm1 keeps the digits of
+// 1 - beta2^1 = 1e-3 that 1 - powf would lose). A table of them would need a second launch or a host sync (the steps
+// live on the device), which graph capture and the one-launch step rule out.
 struct LaunchScalars {
   DeviceScalars device;
   double lr, beta1, beta2, eps, weight_decay;
+  float log_beta1, log_beta2;
 };
+
+LaunchScalars launch_scalars(const DeviceScalars& device, double lr, double beta1, double beta2, double eps,
+                             double weight_decay) {
+  return LaunchScalars{device, lr, beta1, beta2, eps, weight_decay, static_cast<float>(std::log(beta1)),
+                       static_cast<float>(std::log(beta2))};
+}
 
 __device__ __forceinline__ double read_lr(const LaunchScalars& s) {
   return s.device.lr != nullptr ? static_cast<double>(*s.device.lr) : s.lr;
 }
+
+// 1 - beta^step, with log_beta = log(beta).
+__device__ __forceinline__ float bias_correction(float log_beta, float step) { return -expm1f(step * log_beta); }
 
 __device__ __forceinline__ bool step_skipped(const DeviceScalars& s) {
   return s.found_inf != nullptr && *s.found_inf != 0.0f;
@@ -36,8 +50,8 @@ __device__ __forceinline__ void increment_steps(const TensorListMeta<kLists>& me
 template <int kLists>
 struct AdamOp {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
-  float step_size, bias_correction2_sqrt, decay_factor, grad_scale;
-  bool maximize, decoupled, unscale;
+  float neg_step_size, bias_correction2_sqrt, decay_factor, grad_scale;
+  bool maximize, decoupled, has_weight_decay, small_lerp_weight, unscale;
 
   __device__ __forceinline__ void operator()(float (&x)[kLists]) const {
     float param = x[0];
@@ -47,20 +61,24 @@ struct AdamOp {
       x[1] = grad;
     }
     if (maximize) grad = -grad;
-    if (decoupled) {
-      param = param * decay_factor;
-    } else {
-      grad = grad + weight_decay * param;
+    // torch's for-loop order and NaN/Inf pattern: no decay term at all without weight decay (a -inf param stays
+    // -inf), exp_avg by torch.lerp's formula, a NaN-propagating max, the step as param + (-step_size * m) / denom.
+    if (has_weight_decay) {
+      if (decoupled) {
+        param = param * decay_factor;
+      } else {
+        grad = grad + weight_decay * param;
+      }
     }
-    const float exp_avg = x[2] + one_minus_beta1 * (grad - x[2]);
+    const float exp_avg = lerp_as_torch(x[2], grad, one_minus_beta1, beta1, small_lerp_weight);
     const float exp_avg_sq = x[3] * beta2 + one_minus_beta2 * grad * grad;
     float second_moment = exp_avg_sq;
     if constexpr (kLists == 5) {
-      second_moment = fmaxf(x[4], exp_avg_sq);
+      second_moment = nan_max(x[4], exp_avg_sq);
       x[4] = second_moment;
     }
     const float denom = sqrtf(second_moment) / bias_correction2_sqrt + eps;
-    x[0] = param - step_size * (exp_avg / denom);
+    x[0] = param + (neg_step_size * exp_avg) / denom;
     x[2] = exp_avg;
     x[3] = exp_avg_sq;
   }
@@ -74,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
   const int t = find_tensor(meta, blockIdx.x);
   const int64_t begin = chunk_begin(meta, t);
   const int64_t end = chunk_end(meta, t, begin);
-  const double step = static_cast<double>(*meta.steps[t]) + 1.0;  // the counters are incremented at the end
+  const float step = *meta.steps[t] + 1.0f;  // the counters are incremented at the end
   const double lr = read_lr(s);
   AdamOp<kLists> op;
   op.beta1 = static_cast<float>(s.beta1);
@@ -83,9 +101,11 @@ __global__ void __launch_bounds__(kThreads)
   op.one_minus_beta2 = static_cast<float>(1.0 - s.beta2);
   op.eps = static_cast<float>(s.eps);
   op.weight_decay = static_cast<float>(s.weight_decay);
-  op.step_size = static_cast<float>(lr / (1.0 - pow(s.beta1, step)));
-  op.bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(s.beta2, step)));
+  op.neg_step_size = -static_cast<float>(lr) / bias_correction(s.log_beta1, step);
+  op.bias_correction2_sqrt = sqrtf(bias_correction(s.log_beta2, step));
   op.decay_factor = static_cast<float>(1.0 - lr * s.weight_decay);
+  op.has_weight_decay = s.weight_decay != 0.0;
+  op.small_lerp_weight = fabs(1.0 - s.beta1) < 0.5;
   op.unscale = s.device.grad_scale != nullptr;
   op.grad_scale = op.unscale ? *s.device.grad_scale : 1.0f;
   op.maximize = maximize;
@@ -101,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
 template <int kLists>
 struct SgdOp {
   float lr, momentum, one_minus_dampening, weight_decay, grad_scale;
-  bool nesterov, maximize, first_step, unscale;
+  bool nesterov, maximize, first_step, has_weight_decay, unscale;
 
   __device__ __forceinline__ void operator()(float (&x)[kLists]) const {
     float grad = x[1];
@@ -110,13 +130,13 @@ struct SgdOp {
       x[1] = grad;
     }
     if (maximize) grad = -grad;
-    grad = grad + weight_decay * x[0];
+    if (has_weight_decay) grad = grad + weight_decay * x[0];  // as torch: no term without decay
     if constexpr (kLists == 3) {
       const float buffer = first_step ? grad : x[2] * momentum + one_minus_dampening * grad;
       x[2] = buffer;
       grad = nesterov ? grad + momentum * buffer : buffer;
     }
-    x[0] = x[0] - lr * grad;
+    x[0] = x[0] + -lr * grad;
   }
 };
 
@@ -133,6 +153,7 @@ __global__ void __launch_bounds__(kThreads)
   op.momentum = momentum;
   op.one_minus_dampening = one_minus_dampening;
   op.weight_decay = static_cast<float>(s.weight_decay);
+  op.has_weight_decay = s.weight_decay != 0.0;
   op.unscale = s.device.grad_scale != nullptr;
   op.grad_scale = op.unscale ? *s.device.grad_scale : 1.0f;
   op.nesterov = nesterov;
@@ -151,7 +172,7 @@ enum SwatsSlot { kPhase = 0, kLambda, kSgdLr, kGroupStep, kSumPG, kSumPP };
 
 struct SwatsOp {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, adam_step_size, sgd_step_size, grad_scale;
-  bool sgd_phase, unscale;
+  bool sgd_phase, has_weight_decay, unscale;
   float sum_pg = 0.0f, sum_pp = 0.0f;  // this thread's share of p.g and p.p for the Adam step p
 
   __device__ __forceinline__ void operator()(float (&x)[5]) {
@@ -160,7 +181,7 @@ struct SwatsOp {
       grad = grad / grad_scale;
       x[1] = grad;
     }
-    grad = grad + weight_decay * x[0];
+    if (has_weight_decay) grad = grad + weight_decay * x[0];  // as torch's Adam: no term without decay
     if (sgd_phase) {
       const float buffer = x[4] * beta1 + grad;
       x[4] = buffer;
@@ -206,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
   const int t = find_tensor(meta, blockIdx.x);
   const int64_t begin = chunk_begin(meta, t);
   const int64_t end = chunk_end(meta, t, begin);
-  const double step = static_cast<double>(*meta.steps[t]) + 1.0;
+  const float step = *meta.steps[t] + 1.0f;
   SwatsOp op;
   op.beta1 = static_cast<float>(s.beta1);
   op.one_minus_beta1 = static_cast<float>(1.0 - s.beta1);
@@ -214,7 +235,9 @@ __global__ void __launch_bounds__(kThreads)
   op.one_minus_beta2 = static_cast<float>(1.0 - s.beta2);
   op.eps = static_cast<float>(s.eps);
   op.weight_decay = static_cast<float>(s.weight_decay);
-  op.adam_step_size = static_cast<float>(read_lr(s) * sqrt(1.0 - pow(s.beta2, step)) / (1.0 - pow(s.beta1, step)));
+  op.adam_step_size = static_cast<float>(read_lr(s)) * sqrtf(bias_correction(s.log_beta2, step)) /
+                      bias_correction(s.log_beta1, step);
+  op.has_weight_decay = s.weight_decay != 0.0;
   op.sgd_step_size = static_cast<float>((1.0 - s.beta1) * switch_state[kSgdLr]);
   op.sgd_phase = switch_state[kPhase] != 0.0;
   op.unscale = s.device.grad_scale != nullptr;
@@ -285,7 +308,7 @@ int adam_step(const TensorLists& tensors, const DeviceScalars& scalars, const Ad
               Stream stream) {
   const int lists = o.amsgrad ? 5 : 4;
   if (tensors.num_lists != lists || tensors.steps == nullptr) return cudaErrorInvalidValue;
-  const LaunchScalars s{scalars, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay};
+  const LaunchScalars s = launch_scalars(scalars, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay);
   return dispatch_dtype(tensors.dtype, [&](auto zero) {
     using T = decltype(zero);
     if (o.amsgrad) {
@@ -302,7 +325,7 @@ int adam_step(const TensorLists& tensors, const DeviceScalars& scalars, const Ad
 int sgd_step(const TensorLists& tensors, const DeviceScalars& scalars, const SgdOptions& o, Stream stream) {
   const bool has_momentum = tensors.num_lists == 3;
   if (tensors.num_lists != 2 && !has_momentum) return cudaErrorInvalidValue;
-  const LaunchScalars s{scalars, o.lr, 0.0, 0.0, 0.0, o.weight_decay};
+  const LaunchScalars s = launch_scalars(scalars, o.lr, 0.5, 0.5, 0.0, o.weight_decay);  // no betas in SGD
   const float momentum = static_cast<float>(o.momentum);
   const float one_minus_dampening = static_cast<float>(1.0 - o.dampening);
   return dispatch_dtype(tensors.dtype, [&](auto zero) {
@@ -323,7 +346,7 @@ int sgd_step(const TensorLists& tensors, const DeviceScalars& scalars, const Sgd
 int swats_step(const TensorLists& tensors, const DeviceScalars& scalars, const SwatsOptions& o, unsigned int* counter,
                Stream stream) {
   if (tensors.num_lists != 5 || tensors.steps == nullptr || o.switch_state == nullptr) return cudaErrorInvalidValue;
-  const LaunchScalars s{scalars, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay};
+  const LaunchScalars s = launch_scalars(scalars, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay);
   return dispatch_dtype(tensors.dtype, [&](auto zero) {
     using T = decltype(zero);
     return for_each_bucket<5>(tensors, [&](const TensorListMeta<5>& meta, unsigned grid, bool last_bucket) {

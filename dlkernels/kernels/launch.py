@@ -31,8 +31,70 @@ def gpu_launch_config(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("DLKERNELS_GPU_LAUNCH_CONFIG") == "1"
 
 
+GPU_SM_COUNT = 132  # H100 SXM / H200: the grids the GPU launch configuration is recorded with
+
+
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a fixed 8 on CPU under the interpreter, to keep grids small)."""
+    """Streaming multiprocessors of ``device``; on CPU a fixed 8 under the interpreter (small grids), or an H100/H200's
+    132 with the GPU launch configuration (so recorded launches have the GPU's grids)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return GPU_SM_COUNT if gpu_launch_config(device) else 8
+
+
+def resident_programs(num_warps: int, registers: int) -> int:
+    """Programs of ``num_warps`` warps using ``registers`` per thread that one SM of sm_80/sm_90 holds at once:
+    64K registers (allocated per warp in units of 256), 64 warps, 32 programs (no shared memory assumed)."""
+    per_warp = triton.cdiv(max(1, registers) * 32, 256) * 256
+    return max(1, min(32, 64 // num_warps, 65536 // (per_warp * num_warps)))
+
+
+def splits_in_waves(units: int, programs_per_split: int, slots: int, max_waves: int = 8) -> int:
+    """How many splits ``s`` to cut ``units`` equal work units into, when each split is ``programs_per_split``
+    programs and ``slots`` programs run at once: the ``s`` minimizing waves x units per program,
+    ``ceil(s * programs_per_split / slots) * ceil(units / s)``, fewest splits among ties (fewer partial results).
+    A grid of 576 programs on 528 slots (a second wave of 48) loses to 512 programs in one wave."""
+    best = None
+    for waves in range(1, max_waves + 1):
+        s = max(1, min(units, waves * slots // max(1, programs_per_split)))
+        cost = (triton.cdiv(s * programs_per_split, slots) * triton.cdiv(units, s), s)
+        best = cost if best is None or cost < best else best
+    return best[1]
+
+
+# LSTM engine table. PREDICTIONS, not measurements: no GPU has timed these engines yet (bench/NOTES.md, "LSTM",
+# gives the reasoning; bench/bench_lstm.py measures them). H200, µs per step of one layer-direction:
+#   persistent (csrc/lstm, one launch per sequence, one grid barrier per step): forward ~3-7 for every benchmarked
+#     shape; backward ~8 at B64 H512 but growing with the G-way broadcast of a B x 4H gradient, B * H^2 * s bytes of
+#     L2 traffic per step (s = bytes per element), past cuDNN's ~28 µs/step backward near B * H^2 * s = 3e8 bytes
+#     (bf16 H=1024: B ~150)
+#   per_step (torch GEMM + Triton cell per step): host-bound, ~20-30 fwd and ~45-60 fwd+bwd, i.e. not faster than
+#     cuDNN anywhere
+#   cudnn (torch.nn.LSTM): ~20 fwd, ~43-48 fwd+bwd (anchors)
+# So on CUDA: the persistent kernel wherever it takes the shape (and, for training, while its backward is predicted
+# faster), else torch's own LSTM when the caller can run it (the modules), else the per-step engine. On the CPU
+# (Triton's interpreter) only the per-step engine runs.
+_PERSISTENT_BACKWARD_MAX_BYTES = 3e8
+
+
+def lstm_engine(device_type: str, dtype, steps: int, batch: int, hidden: int, proj: bool, *,
+                persistent_ok: bool, training: bool = False, torch_path: bool = False) -> str:
+    """``"persistent"``, ``"per_step"`` or ``"cudnn"`` for one layer-direction of T=``steps``, B=``batch``,
+    H=``hidden`` (``proj``: proj_size > 0, which only the per-step engine and cuDNN take). ``persistent_ok``: the
+    persistent kernel is built and takes this shape; ``training``: a backward will follow; ``torch_path``: the
+    caller can run torch's LSTM instead."""
+    if device_type != "cuda":
+        return "per_step"
+    element = torch.empty(0, dtype=dtype).element_size()
+    backward_fast = batch * hidden * hidden * element < _PERSISTENT_BACKWARD_MAX_BYTES
+    if persistent_ok and not proj and (backward_fast or not training or not torch_path):
+        return "persistent"
+    return "cudnn" if torch_path else "per_step"
+
+
+def lstm_cell_blocks(batch: int, hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, num_warps) of the fused LSTM cell kernels: up to 128 hidden units by enough rows for about
+    1024 cells per program (each cell reads 4 gates), so a step of B=64, H=1024 is 64 programs."""
+    block_h = min(next_pow2(hidden), 128)
+    block_b = min(next_pow2(batch), max(1, 1024 // block_h))
+    return block_b, block_h, num_warps_for(4 * block_b * block_h)

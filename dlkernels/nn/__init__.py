@@ -1,8 +1,10 @@
 """Drop-in replacements for ``torch.nn`` modules, built on ``dlkernels.ops``."""
 from .attention import MultiheadAttention, TransformerEncoderLayer
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .conv import Conv2d, ConvBlock2d
+from .lstm import LSTM, LSTMCell
+from .sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MultiheadAttention", "TransformerEncoderLayer"]
-from .sync_batch_norm import SyncBatchNorm  # noqa: E402
-
-__all__ += ["SyncBatchNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBlock2d", "MultiheadAttention",
+           "SyncBatchNorm", "TransformerEncoderLayer"]
+__all__ += ["LSTM", "LSTMCell"]

@@ -149,6 +149,37 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        """Attention of ``query`` over ``key``/``value``; same arguments and results as
+        ``torch.nn.MultiheadAttention.forward``, plus this module's ``window``.
+
+        Args (as torch's): ``query`` (L, N, E) or (N, L, E) with ``batch_first``, or (L, E) unbatched; ``key`` and
+        ``value`` likewise with S keys (and ``kdim``/``vdim`` features); ``key_padding_mask`` (N, S) bool (True =
+        ignore) or float (added to the scores); ``need_weights`` (default True, as torch: returns the weights,
+        averaged over heads if ``average_attn_weights``); ``attn_mask`` (L, S) or (N * num_heads, L, S), bool or
+        float; ``is_causal`` (a hint that ``attn_mask`` is the causal mask). Returns ``(attn_output,
+        attn_weights or None)``, shapes as torch's.
+
+        Which calls run the kernel (``dlkernels.ops.attention``): ``need_weights=False``, no ``bias_k``/``bias_v``,
+        no ``add_zero_attn``, no ``attn_mask`` other than with ``is_causal=True``, and a bool (or float 0/-inf)
+        ``key_padding_mask``. Everything else runs torch's own forward (with ``window`` turned into an explicit
+        mask), and warns once when the caller asked for the output only; ``need_weights=True`` is torch's default
+        and runs torch's path silently.
+
+        Differences from torch, all deliberate:
+
+        - ``window=(left, right)``: query i attends key j only if ``i - left <= j <= i + right``.
+        - ``is_causal=True`` without ``attn_mask`` means causal attention (torch raises "Need attn_mask if
+          specifying the is_causal hint").
+        - A query with no key left to attend (all keys padded, or a window that leaves none) gets zero attention
+          on the kernel path (so the layer returns ``out_proj.bias`` there, with finite gradients), as torch's
+          SDPA path does; torch's ``need_weights=True`` path returns NaN there and so does ours on that path.
+        - A NaN query row gives a NaN output row on every path, as torch's math path (``need_weights=True``) does;
+          torch's CPU SDPA path returns a finite row for it.
+        - ``dropout`` draws its mask from the kernel's own random stream (reproducible under
+          ``torch.manual_seed``), not torch's, so dropped elements differ; and
+          ``torch.use_deterministic_algorithms(True)`` costs nothing (the kernel's backward has no atomics).
+        - Empty sequences and batches return empty results as torch does.
+        """
         padding = None
         why_not_kernel = None  # a reason worth a warning: the caller asked for the output only
         if need_weights or query.is_nested or self._torch_must_handle(query, key, value, key_padding_mask):
@@ -335,6 +366,14 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
+        """Same arguments and result as ``torch.nn.TransformerEncoderLayer.forward``: ``src`` (S, N, E) or (N, S, E)
+        with ``batch_first``, optional ``src_mask``, ``src_key_padding_mask`` and ``is_causal`` hint.
+
+        Differences from torch: the self-attention is this layer's ``dlkernels.nn.MultiheadAttention`` (see its
+        ``forward`` for which calls run the kernel and how it differs), with ``window``; torch's fused eval fast
+        path (``torch._transformer_encoder_layer_fwd``) is never taken, so eval and training compute the same
+        function; ``is_causal=True`` without ``src_mask`` means causal attention.
+        """
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)

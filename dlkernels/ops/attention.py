@@ -1,30 +1,8 @@
-"""Scaled dot-product attention with sliding windows, GQA, key padding and dropout: custom op, checks, reference.
+"""Scaled dot-product attention with sliding windows, GQA, key padding and dropout: custom ops, checks, reference.
 
-``attention(q, k, v, *, causal=False, window=None, scale=None, key_padding_mask=None, dropout_p=0.0,
-deterministic=False)`` computes ``softmax(q @ k^T * scale + mask) @ v`` per (batch, query head), where query head h
-reads key/value head ``h // (Hq // Hkv)``.
-
-Mask definition (absolute positions, top-left aligned like ``F.scaled_dot_product_attention(is_causal=True)``):
-query i may attend key j iff ``i - left <= j <= i + right`` with ``window=(left, right)`` (inclusive; ``None`` on a
-side = unbounded; bounded sides are ints >= 0), and ``key_padding_mask[b, j]`` is False (True = padding). ``causal=True`` is ``window=(None, 0)``
-and composes with a left window: ``causal=True, window=(left, _)`` gives ``(left, min(right, 0))``. A query with no
-key left returns zeros (and zero gradients), never NaN.
-
-Dropout (``dropout_p > 0``) zeroes probabilities with probability ``dropout_p`` and scales the kept ones by
-``1 / (1 - dropout_p)``. The mask comes from a 62-bit seed drawn from torch's default CPU generator on each call
-(so ``torch.manual_seed`` makes calls reproducible) and Philox counters indexed by (batch, head, query, key); the
-backward regenerates the same mask. The reference path draws its mask with torch from the same seed, so it differs
-from the Triton kernel's mask (both are correct dropout; each is consistent between its forward and backward).
-
-Implementations: the Triton kernel (flash-attention-2 style) for fp16 and bf16, and the eager reference, which
-fp32 and fp64 inputs take on every device (no tf32 kernel: their accuracy is eager PyTorch's), as do head dims above
-256. Under Triton's interpreter (CPU tests) bf16 operands are copied to fp32 first (the interpreter cannot do bf16
-arithmetic) and the kernel runs with full-precision dots.
-
-The forward op returns ``(out, lse)``: ``lse`` (B, Hq, Nq) float32 is the natural-log log-sum-exp of each row's
-scaled scores, ``+inf`` for rows with no key (so ``exp(s - lse)`` is 0 there). The backward op uses only
-``out`` and ``lse``. ``deterministic=False`` (default) adds dQ with fp32 atomics inside the dK/dV pass;
-``deterministic=True`` computes dQ in a second pass without atomics (bitwise reproducible).
+The public entry point is :func:`attention` (its docstring is the full reference). Below it: input checks, the
+eager reference implementation (test oracle and fallback), and the ``dlkernels::attention_forward`` /
+``dlkernels::attention_backward`` custom ops (autograd, fake tensors, backend choice).
 """
 from __future__ import annotations
 
@@ -49,29 +27,80 @@ def attention(
     *,
     causal: bool = False,
     window: tuple[int | None, int | None] | None = None,
-    scale: float | None = None,
+    scale: float | torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Attention of q (B, Hq, Nq, D) over k, v (B, Hkv, Nk, D); returns (B, Hq, Nq, D) in q's dtype.
+    """Scaled dot-product attention ``softmax(q @ k^T * scale + mask) @ v`` with windows, GQA, padding and dropout.
 
-    See the module docstring for the window / causal / padding / dropout definitions. ``scale`` defaults to
-    ``1 / sqrt(D)``. Inputs may be strided (no copies are made); Hq must be a multiple of Hkv.
+    Shapes: ``q`` (B, Hq, Nq, Dk), ``k`` (B, Hkv, Nk, Dk), ``v`` (B, Hkv, Nk, Dv); returns (B, Hq, Nq, Dv) in q's
+    dtype. Query head h reads key/value head ``h // (Hq // Hkv)`` (grouped-query attention; Hq must be a multiple
+    of Hkv). Any strides are accepted (no copies are made); ``Dv`` may differ from ``Dk`` as in
+    ``F.scaled_dot_product_attention``. Empty sizes (B, H, Nq, Nk or a head dim 0) give empty or zero results as
+    torch does (Nk = 0: every row attends nothing and returns zeros).
+
+    Mask (absolute positions, top-left aligned like ``F.scaled_dot_product_attention(is_causal=True)``): query i may
+    attend key j iff ``i - left <= j <= i + right`` with ``window=(left, right)`` (inclusive; ``None`` on a side =
+    unbounded; bounded sides are ints >= 0) and ``key_padding_mask[b, j]`` is False (bool (B, Nk), True = padding,
+    as in ``nn.MultiheadAttention``). ``causal=True`` is ``window=(None, 0)`` and composes with a window:
+    ``causal=True, window=(left, right)`` means ``(left, min(right, 0))``. A query with no key left to attend
+    returns zeros and zero gradients, never NaN (torch's math path returns NaN there).
+
+    ``scale`` (a float or a 0-d tensor) defaults to ``1 / sqrt(Dk)``. ``dropout_p`` zeroes probabilities with that
+    probability and scales the kept ones by ``1 / (1 - dropout_p)``; the mask comes from a 62-bit seed drawn from
+    torch's default CPU generator on each call (``torch.manual_seed`` makes calls reproducible) and Philox counters
+    indexed by (batch, head, query, key); the backward regenerates it. The reference path draws its mask with torch
+    from the same seed, so the two backends drop different elements (each is correct dropout).
+
+    NaN and Inf propagate as in torch for attended pairs: a non-finite query, or a non-finite key or value that a
+    query attends, makes that query's output NaN (a row whose attended scores are all ``-inf`` is NaN, as torch's
+    softmax gives). Keys and values a query cannot attend never reach it when they lie in a key block the kernel
+    skips (as with torch's flash backend); inside a block it reads, a non-finite value times probability 0 is NaN
+    (as with torch's math backend).
+
+    ``deterministic`` is accepted for callers that set it; the backward has no atomics, so every call is bitwise
+    reproducible whatever its value.
+
+    Implementations: the Triton kernel (flash-attention style, Hopper-shaped: see ``dlkernels.kernels.attention``)
+    for fp16 and bf16 with head dims up to 256, and the eager reference, which fp32 and fp64 inputs take on every
+    device (their accuracy is eager PyTorch's) as do larger head dims (with a one-time warning). Under Triton's
+    interpreter (CPU tests) bf16 operands are copied to fp32 first (the interpreter cannot do bf16 arithmetic).
+
+    Differences from ``F.scaled_dot_product_attention``: 4-D inputs only; no arbitrary ``attn_mask`` (windows,
+    causal and key padding instead); ``is_causal`` is spelled ``causal``; rows with no key give 0, not NaN; GQA
+    needs no ``enable_gqa`` flag.
+
+    The forward custom op also returns ``lse`` (B, Hq, Nq) float32, the natural-log log-sum-exp of each row's
+    scaled scores (``+inf`` for rows with no key, so ``exp(s - lse)`` is 0 there); the backward uses only ``out``
+    and ``lse``.
     """
     _check_inputs(q, k, v, key_padding_mask)
     left, right = _window_sides(causal, window)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"attention: scale must be a finite float, got {scale!r}")
+    scale = _check_scale(scale, q.shape[-1])
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, (bool, numbers.Integral)) or flag not in (0, 1):
+            raise TypeError(f"attention: {name} must be a bool, got {flag!r}")
     seed = _draw_seed() if dropout_p > 0 else None
     out, _ = torch.ops.dlkernels.attention_forward(
-        q, k, v, key_padding_mask, seed, float(scale), left, right, float(dropout_p), bool(deterministic)
+        q, k, v, key_padding_mask, seed, scale, left, right, float(dropout_p), bool(deterministic)
     )
     return out
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0  # Dk = 0: every score is 0 whatever the scale
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dim() != 0 or scale.is_complex() or scale.dtype == torch.bool:
+            raise ValueError(f"attention: scale must be a float or a 0-d real tensor, got a tensor of shape "
+                             f"{tuple(scale.shape)} and dtype {scale.dtype}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be a finite float, got {scale!r}")
+    return float(scale)
 
 
 def _check_inputs(q, k, v, key_padding_mask) -> None:
@@ -86,17 +115,16 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
         raise TypeError(f"attention: q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise RuntimeError(f"attention: q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"attention: k and v must agree in (B, H, N), got k {tuple(k.shape)}, v {tuple(v.shape)}")
     b, hq, nq, d = q.shape
     if k.shape[0] != b:
         raise ValueError(f"attention: k batch {k.shape[0]} != q batch {b}")
     if k.shape[3] != d:
-        raise ValueError(f"attention: k/v head dim {k.shape[3]} != q head dim {d}")
-    if k.shape[1] == 0 or hq % k.shape[1] != 0:
-        raise ValueError(f"attention: q heads ({hq}) must be a multiple of k/v heads ({k.shape[1]})")
-    if nq == 0 or k.shape[2] == 0 or d == 0:
-        raise ValueError(f"attention: sequence lengths and head dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"attention: k head dim {k.shape[3]} != q head dim {d}")
+    hkv = k.shape[1]
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
+        raise ValueError(f"attention: q heads ({hq}) must be a multiple of k/v heads ({hkv})")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"attention: key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}")
@@ -160,7 +188,7 @@ def _reference_keep(seed: torch.Tensor, shape, dropout_p: float, device) -> torc
 def _reference_probs(q, k, v, key_padding_mask, seed, scale, left, right, dropout_p):
     """Compute-dtype (probs, dropout multiplier or None, k and v repeated per query head, scores)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
     kc = k.to(compute).repeat_interleave(group, dim=1)
     vc = v.to(compute).repeat_interleave(group, dim=1)
     scores = (q.to(compute) @ kc.transpose(-1, -2)) * scale
@@ -198,9 +226,10 @@ def _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, left, 
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
     dq = (dscores @ kc) * scale
     dk = (dscores.transpose(-1, -2) @ q.to(probs.dtype)) * scale
-    b, hkv, nk, d = k.shape
-    dk = dk.reshape(b, hkv, -1, nk, d).sum(2)
-    dv = dv.reshape(b, hkv, -1, nk, d).sum(2)
+    b, hkv, nk, _ = k.shape
+    group = q.shape[1] // hkv if hkv else 1
+    dk = dk.reshape(b, hkv, group, nk, k.shape[3]).sum(2)
+    dv = dv.reshape(b, hkv, group, nk, v.shape[3]).sum(2)
     return tuple(grad.to(t.dtype).contiguous() for grad, t in zip((dq, dk, dv), (q, k, v)))
 
 
@@ -208,9 +237,14 @@ def _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, left, 
 # Custom ops
 
 
-def _unsupported(q: torch.Tensor) -> str | None:
-    if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
-        return f"head dim {q.shape[-1]} > {_MAX_KERNEL_HEAD_DIM}"
+def _empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Some size is 0: the reference computes the (empty or zero) result; there is nothing for a kernel to do."""
+    return q.numel() == 0 or k.numel() == 0 or v.numel() == 0
+
+
+def _unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    if max(q.shape[-1], v.shape[-1]) > _MAX_KERNEL_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > {_MAX_KERNEL_HEAD_DIM}"
     if q.dtype not in _KERNEL_DTYPES:
         return f"{q.dtype} inputs (the kernel is fp16/bf16; fp32 and fp64 run the reference on every device)"
     return None
@@ -229,7 +263,9 @@ def attention_forward(
     dropout_p: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _backend.choose(OP, q.device, unsupported=_unsupported(q))
+    if _empty(q, k, v):
+        return attention_reference(q, k, v, key_padding_mask, seed, scale, window_left, window_right, dropout_p)
+    impl = _backend.choose(OP, q.device, unsupported=_unsupported(q, v))
     if impl == "triton":
         from ..kernels import attention as kernels
 
@@ -239,8 +275,8 @@ def attention_forward(
 
 @attention_forward.register_fake
 def _(q, k, v, key_padding_mask, seed, scale, window_left, window_right, dropout_p, deterministic):
-    b, hq, nq, d = q.shape
-    return q.new_empty((b, hq, nq, d)), q.new_empty((b, hq, nq), dtype=torch.float32)
+    b, hq, nq, _ = q.shape
+    return q.new_empty((b, hq, nq, v.shape[3])), q.new_empty((b, hq, nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("dlkernels::attention_backward", mutates_args=())
@@ -259,13 +295,16 @@ def attention_backward(
     dropout_p: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend.choose(OP, q.device, unsupported=_unsupported(q))
+    if _empty(q, k, v):
+        return _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, window_left, window_right,
+                                   dropout_p)
+    impl = _backend.choose(OP, q.device, unsupported=_unsupported(q, v))
     if impl == "triton":
         from ..kernels import attention as kernels
 
         return kernels.backward(
             grad_out, q, k, v, out, lse, key_padding_mask, _seed_int(seed), scale, window_left, window_right,
-            dropout_p, deterministic,
+            dropout_p,
         )
     return _reference_backward(grad_out, q, k, v, key_padding_mask, seed, scale, window_left, window_right, dropout_p)
 

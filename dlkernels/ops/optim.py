@@ -1,11 +1,15 @@
 """Optimizer steps as mutating custom ops: ``dlkernels::adam_step``, ``sgd_step`` and ``swats_step``.
 
 Each updates a list of parameters and their state in place. Backends: the CUDA C++ multi-tensor kernel (one launch
-per dtype bucket, normally one per group), the Triton kernels (one launch per tensor) and the reference, which is
-torch's own single-tensor optimizer math (``torch.optim.adam.adam`` / ``torch.optim.sgd.sgd``) and, for SWATS, the
-paper's algorithm in eager PyTorch. Step counts, a tensor ``lr``, the AMP ``grad_scale`` (gradients are divided by
-it, and written back unscaled) and ``found_inf`` (non-zero: the step is skipped, step counts included) are read from
-device memory by the kernels.
+per dtype bucket, normally one per group), the Triton kernels (one launch per dtype and alignment bucket, through
+pointer tables) and the reference, which is torch's own single-tensor optimizer math (``torch.optim.adam.adam`` /
+``torch.optim.sgd.sgd``) and, for SWATS, the paper's algorithm in eager PyTorch. Step counts, a tensor ``lr``, the
+AMP ``grad_scale`` (gradients are divided by it, and written back unscaled) and ``found_inf`` (non-zero: the step is
+skipped, step counts included) are read from device memory by the kernels.
+
+Semantics are torch's for-loop optimizers', NaN/Inf included. A tensor listed twice (torch warns, then updates it
+twice in a row) is updated in rounds, never by two programs of one launch. The fake kernels check devices, shapes
+and lists too: they are also the Meta kernels, which a real call reaches when any argument is on the meta device.
 
 SWATS keeps one float64 vector per parameter group (``SWATS_STATE_SIZE`` entries, see the ``SWATS_*`` indices):
 the phase (0 Adam, 1 SGD), the EMA lambda of the projected rate gamma, the SGD rate chosen at the switch, the group's
@@ -37,6 +41,8 @@ def _check_lists(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
         for i, t in enumerate(tensors):
             if t.device != device:
                 raise ValueError(f"dlkernels.{op}: {name}[{i}] is on {t.device}, params[0] on {device}")
+            if name == "steps" and t.numel() != 1:
+                raise ValueError(f"dlkernels.{op}: steps[{i}] must have one element, got shape {tuple(t.shape)}")
             if name != "steps" and t.shape != params[i].shape:
                 raise ValueError(
                     f"dlkernels.{op}: {name}[{i}] has shape {tuple(t.shape)}, params[{i}] {tuple(params[i].shape)}"
@@ -47,30 +53,55 @@ def _check_lists(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
                 raise RuntimeError(f"dlkernels.{op}: {name}[{i}] is sparse; sparse gradients are not supported")
 
 
-def _check_scalar_tensor(op: str, name: str, t: Optional[Tensor], device: torch.device) -> None:
-    if t is not None and (t.numel() != 1 or t.device != device):
-        raise ValueError(f"dlkernels.{op}: {name} must be a 1-element tensor on {device}, got {tuple(t.shape)} on "
-                         f"{t.device}")
+def _check_scalars(op: str, params: list[Tensor], **scalars: Optional[Tensor]) -> None:
+    device = params[0].device
+    for name, t in scalars.items():
+        if t is not None and (t.numel() != 1 or t.device != device):
+            raise ValueError(f"dlkernels.{op}: {name} must be a 1-element tensor on {device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
 
 
 KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
-def _unsupported(tensor_lists: list[list[Tensor]]) -> Optional[str]:
-    """Why the kernels (fp32 math on flat contiguous storage) cannot serve these tensors, or None. Runs every step,
-    so it loops in C where it can (a step over hundreds of tensors must stay cheap on the host)."""
+def _unsupported(tensor_lists: list[list[Tensor]], steps: Optional[list[Tensor]] = None) -> Optional[str]:
+    """Why the kernels (fp32 math on flat contiguous storage, float32 step counts) cannot serve these tensors, or
+    None. Runs every step, so it loops in C where it can (a step over hundreds of tensors must stay cheap)."""
     all_tensors = list(itertools.chain.from_iterable(tensor_lists))
     dtypes = {t.dtype for t in all_tensors}
     if not dtypes <= KERNEL_DTYPES:
         return f"{sorted(map(str, dtypes - KERNEL_DTYPES))} tensors (the kernels cover float32, float16 and bfloat16)"
     if not all(map(Tensor.is_contiguous, all_tensors)):
         return "non-contiguous parameters, gradients or state"
+    if steps and {s.dtype for s in steps} != {torch.float32}:
+        return "step counts that are not float32"
     return None
 
 
-def _choose(op: str, tensor_lists: list[list[Tensor]]) -> str:
+def _rounds(params: list[Tensor]) -> list[list[int]]:
+    """Indices of ``params`` in update rounds: round k holds the k-th occurrence of every param, so a param listed
+    twice (torch warns, then updates it twice in a row, its step count moving on in between) is updated twice in
+    sequence, never by two programs of one launch. Almost always one round holding every index."""
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        key = p.data_ptr() if p.numel() else -1 - i  # empty tensors alias nothing
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
+    return rounds
+
+
+def _pick(lists: list[list[Tensor]], indices: list[int]) -> list[list[Tensor]]:
+    """Each list (an empty one stays empty) restricted to ``indices``."""
+    return [[lst[i] for i in indices] if lst else lst for lst in lists]
+
+
+def _choose(op: str, tensor_lists: list[list[Tensor]], steps: Optional[list[Tensor]] = None) -> str:
     params, grads = tensor_lists[0], tensor_lists[1]
-    impl = _backend.choose(op, params[0].device, has_cuda=True, unsupported=_unsupported(tensor_lists))
+    impl = _backend.choose(op, params[0].device, has_cuda=True, unsupported=_unsupported(tensor_lists, steps))
     if impl == "cuda" and any(map(operator.ne, (p.dtype for p in params), (g.dtype for g in grads))):
         return "triton"  # the CUDA kernels take gradients in their parameter's dtype; Triton converts any
     return impl
@@ -122,30 +153,40 @@ def adam_step(
     """
     if not params:
         return
-    impl = _choose("adam", [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    impl = _choose("adam", lists, steps)
     if impl != "cuda":  # the CUDA binding checks the same in C++
-        state = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
-        if amsgrad:
-            state["max_exp_avg_sqs"] = max_exp_avg_sqs
-        _check_lists("adam_step", params, **state)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        _check_scalar_tensor("adam_step", name, t, params[0].device)
-    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
-            weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
-    if impl == "cuda":
-        _run_cuda("adam_step", args, params[0].device)
-    elif impl == "triton":
-        from ..kernels import optim as kernels
+        _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad)
+    _check_scalars("adam_step", params, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    hyper = (lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
+             found_inf)
+    if impl == "reference":  # torch's own loop, duplicates included
+        adam_reference(*lists, steps, *hyper)
+        return
+    for indices in _rounds(params):
+        args = (*_pick(lists + [steps], indices), *hyper)
+        if impl == "cuda":
+            _run_cuda("adam_step", args, params[0].device)
+        else:
+            from ..kernels import optim as kernels
 
-        kernels.adam_step(*args)
-    else:
-        adam_reference(*args)
+            kernels.adam_step(*args)
+
+
+def _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad) -> None:
+    state = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
+    if amsgrad:
+        state["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _check_lists("adam_step", params, **state)
 
 
 @adam_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
       amsgrad, maximize, decoupled_weight_decay, grad_scale=None, found_inf=None):
-    return None
+    # Also the kernel for real tensors on the meta device: a meta argument mixed with real ones must not pass silently.
+    if params:
+        _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad)
+        _check_scalars("adam_step", params, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps,
@@ -183,30 +224,38 @@ def sgd_step(
     uninitialized and start at the gradient (torch's rule: no dampening on the first step)."""
     if not params:
         return
-    impl = _choose("sgd", [params, grads, momentum_buffers])
+    lists = [params, grads, momentum_buffers]
+    impl = _choose("sgd", lists)
     if impl != "cuda":  # the CUDA binding checks the same in C++
-        state = {"grads": grads}
-        if momentum_buffers:
-            state["momentum_buffers"] = momentum_buffers
-        _check_lists("sgd_step", params, **state)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        _check_scalar_tensor("sgd_step", name, t, params[0].device)
-    args = (params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
-            maximize, grad_scale, found_inf)
-    if impl == "cuda":
-        _run_cuda("sgd_step", args, params[0].device)
-    elif impl == "triton":
-        from ..kernels import optim as kernels
+        _check_sgd(params, grads, momentum_buffers)
+    _check_scalars("sgd_step", params, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    hyper = (first_step, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+    if impl == "reference":  # torch's own loop, duplicates included
+        sgd_reference(*lists, *hyper)
+        return
+    for indices in _rounds(params):
+        args = (*_pick(lists, indices), *hyper)
+        if impl == "cuda":
+            _run_cuda("sgd_step", args, params[0].device)
+        else:
+            from ..kernels import optim as kernels
 
-        kernels.sgd_step(*args)
-    else:
-        sgd_reference(*args)
+            kernels.sgd_step(*args)
+
+
+def _check_sgd(params, grads, momentum_buffers) -> None:
+    state = {"grads": grads}
+    if momentum_buffers:
+        state["momentum_buffers"] = momentum_buffers
+    _check_lists("sgd_step", params, **state)
 
 
 @sgd_step.register_fake
 def _(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum, dampening, weight_decay, nesterov,
       maximize, grad_scale=None, found_inf=None):
-    return None
+    if params:  # see adam_step's fake
+        _check_sgd(params, grads, momentum_buffers)
+        _check_scalars("sgd_step", params, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def sgd_reference(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum, dampening, weight_decay,
@@ -256,33 +305,46 @@ def swats_step(
     """
     if not params:
         return
-    impl = _choose("swats", [params, grads, exp_avgs, exp_avg_sqs, momentum_buffers])
+    lists = [params, grads, exp_avgs, exp_avg_sqs, momentum_buffers]
+    impl = _choose("swats", lists, steps)
     if impl != "cuda":  # the CUDA binding checks the same in C++
         _check_lists("swats_step", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                      momentum_buffers=momentum_buffers, steps=steps)
+    _check_swats_state(params, switch_state)
+    _check_scalars("swats_step", params, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    hyper = (lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale, found_inf)
+    if impl == "reference":  # a sequential loop: duplicates are updated in turn
+        swats_reference(*lists, steps, switch_state, *hyper)
+        return
+    rounds = _rounds(params)
+    for k, indices in enumerate(rounds):
+        args = (*_pick(lists + [steps], indices), switch_state, *hyper)
+        finalize = k == len(rounds) - 1  # the switch estimate is updated once, after the group's last round
+        if impl == "cuda":
+            _run_cuda("swats_step", (*args, finalize), params[0].device)
+        else:
+            from ..kernels import optim as kernels
+
+            kernels.swats_step(*args, finalize=finalize)
+
+
+def _check_swats_state(params: list[Tensor], switch_state: Tensor) -> None:
     if switch_state.shape != (SWATS_STATE_SIZE,) or switch_state.dtype != torch.float64:
         raise ValueError(f"dlkernels.swats_step: switch_state must be a float64 tensor of shape ({SWATS_STATE_SIZE},),"
                          f" got {switch_state.dtype} {tuple(switch_state.shape)}")
-    for name, t in (("switch_state", switch_state), ("lr_tensor", lr_tensor), ("grad_scale", grad_scale),
-                    ("found_inf", found_inf)):
-        if t is not None and t.device != params[0].device:
-            raise ValueError(f"dlkernels.swats_step: {name} is on {t.device}, params on {params[0].device}")
-    args = (params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, switch_state, lr, lr_tensor, beta1, beta2,
-            eps, weight_decay, grad_scale, found_inf)
-    if impl == "cuda":
-        _run_cuda("swats_step", args, params[0].device)
-    elif impl == "triton":
-        from ..kernels import optim as kernels
-
-        kernels.swats_step(*args)
-    else:
-        swats_reference(*args)
+    if switch_state.device != params[0].device:
+        raise ValueError(f"dlkernels.swats_step: switch_state is on {switch_state.device}, params on "
+                         f"{params[0].device}")
 
 
 @swats_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, switch_state, lr, lr_tensor, beta1, beta2, eps,
       weight_decay, grad_scale=None, found_inf=None):
-    return None
+    if params:  # see adam_step's fake
+        _check_lists("swats_step", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                     momentum_buffers=momentum_buffers, steps=steps)
+        _check_swats_state(params, switch_state)
+        _check_scalars("swats_step", params, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def swats_reference(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps, switch_state, lr, lr_tensor,
@@ -299,7 +361,9 @@ def swats_reference(params, grads, exp_avgs, exp_avg_sqs, momentum_buffers, step
         compute = torch.float64 if param.dtype == torch.float64 else torch.float32  # the kernels' fp32 otherwise
         steps[i] += 1
         step = steps[i].double()
-        grad = grads[i].to(compute) + weight_decay * param.to(compute)
+        grad = grads[i].to(compute)
+        if weight_decay != 0:  # as torch: no term at all without decay (a -inf param stays -inf)
+            grad = grad + weight_decay * param.to(compute)
         exp_avg = exp_avgs[i].to(compute) * beta1 + (1 - beta1) * grad
         exp_avg_sq = exp_avg_sqs[i].to(compute) * beta2 + (1 - beta2) * grad * grad
         step_size = (lr * (1 - beta2**step).sqrt() / (1 - beta1**step)).to(compute)

@@ -1,5 +1,7 @@
-"""What the fused optimizers share: param-group checks, AMP hooks for ``torch.amp.GradScaler`` and state dicts that
-move both ways between these optimizers and ``torch.optim``'s."""
+"""What the fused optimizers share: argument checks as torch.optim makes them (same order, same exception types),
+param-group checks made before anything is registered, AMP hooks for ``torch.amp.GradScaler`` and state dicts that
+move both ways between these optimizers and ``torch.optim``'s (and refuse, naming what is missing, another
+optimizer's)."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +10,18 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _to_scalar
+
+
+def check_lr(lr, foreach=None, capturable=False) -> None:
+    """torch.optim's learning-rate checks (Adam adds the foreach one)."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
 
 
 def _dtensor_class():
@@ -27,22 +41,42 @@ def local_shards(tensors: list) -> list:
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
-def check_lr(lr) -> None:
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_betas(betas) -> None:
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-
-
 def check_nonnegative(name: str, value) -> None:
     if not 0.0 <= value:
         raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_adam_args(lr, betas, eps, weight_decay, foreach=None, capturable=False) -> tuple:
+    """torch.optim.Adam's constructor checks, in its order and with its exception types (``betas=(0.9,)`` is an
+    IndexError there too); returns the betas as torch keeps them (1-element tensors squeezed to 0-d)."""
+    check_lr(lr, foreach, capturable)
+    check_nonnegative("epsilon", eps)
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    check_nonnegative("weight_decay", weight_decay)
+    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas[:2]):
+        if isinstance(beta, Tensor):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if len(betas) != 2:
+        raise ValueError(f"betas must have two values, got {len(betas)}")  # torch would fail later, unpacking
+    return tuple(map(_to_scalar, betas))
+
+
+def check_fused_flags(fused, foreach, differentiable) -> None:
+    """torch.optim's checks of ``fused`` (its RuntimeErrors)."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 class FusedOptimizer(Optimizer):
@@ -52,27 +86,51 @@ class FusedOptimizer(Optimizer):
     unscale the gradients and skip the step on inf/NaN without a host sync). ``state_dict()`` returns the live state
     tensors, as torch's does; ``load_state_dict`` copies what it loads, so an optimizer loading another's live state
     (ours or torch's) never shares buffers with it; step counts are kept as float32 scalars on the parameter's device.
+
+    A param group is checked before it is registered (``add_param_group`` with a bad group raises and registers
+    nothing): floating-point params on one device and valid hyperparameters, with the constructor's checks (torch
+    checks only the constructor's values). A param listed twice in a group is updated twice in a row, as torch does
+    (with its warning); a param in two groups is refused, as torch does.
     """
 
     _step_supports_amp_scaling = True
+    _supports_sparse_grads = False
+    _sparse_name = "Adam"  # torch.optim.AdamW's message names Adam too
+    # Group keys ``step`` needs that __setstate__ does not default (a state dict without them is another optimizer's).
+    _required_group_keys: tuple[str, ...] = ("lr",)
+    # Per-param state keys a started param must have.
+    _required_state_keys: tuple[str, ...] = ()
+
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Raises for invalid hyperparameters in ``group`` (the constructor's checks)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        index = len(self.param_groups)
+        super().add_param_group(param_group)  # torch's own checks; it appends last, after them
         group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
+        try:
+            self._check_group(group, index)
+            self._init_param_group(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any], index: int) -> None:
+        name = type(self).__name__
         devices = set()
         for p in group["params"]:
             if not p.is_floating_point():
                 raise TypeError(
-                    f"{type(self).__name__}: params must be floating point tensors, got {p.dtype} in param group {index}"
+                    f"{name}: params must be real floating point tensors (complex params: use torch.optim.{name}), "
+                    f"got {p.dtype} in param group {index}"
                 )
             devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(
-                f"{type(self).__name__}: all params of a param group must be on one device, param group {index} has "
+                f"{name}: all params of a param group must be on one device, param group {index} has "
                 f"params on {sorted(str(d) for d in devices)}"
             )
-        self._init_param_group(group)
+        self.check_hyperparameters(group)
 
     def _init_param_group(self, group: dict[str, Any]) -> None:
         """Per-group setup after checks (SWATS: its device state)."""
@@ -89,17 +147,12 @@ class FusedOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if not self._supports_sparse_grads and any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{self._sparse_name} does not support sparse gradients, please consider SparseAdam "
+                                   f"instead")
             self._check_sharding(params)
             device = params[0].device
-            self._step_group(
-                group,
-                params,
-                _on(grad_scale, device),
-                _on(found_inf, device),
-            )
+            self._step_group(group, params, _on(grad_scale, device), _on(found_inf, device))
         return loss
 
     # Whether an update of each element reads only that element (then DTensor shards step independently).
@@ -132,7 +185,25 @@ class FusedOptimizer(Optimizer):
             return 0.0, lr.detach().reshape(()).to(device, non_blocking=True)
         return float(lr), None
 
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuses, before anything is loaded, a state dict this optimizer could not step with (another optimizer's:
+        torch loads it and fails at ``step`` with a KeyError)."""
+        name = type(self).__name__
+        for i, group in enumerate(state_dict.get("param_groups", [])):
+            missing = [key for key in self._required_group_keys if key not in group]
+            if missing:
+                raise ValueError(f"{name}.load_state_dict: param group {i} has no {', '.join(map(repr, missing))} "
+                                 f"(a state dict of another optimizer?)")
+            self.check_hyperparameters({**self.defaults, **group})
+        for param_id, state in state_dict.get("state", {}).items():
+            missing = [key for key in self._required_state_keys if key not in state]
+            if state and missing:
+                raise ValueError(f"{name}.load_state_dict: the state of param {param_id} has no "
+                                 f"{', '.join(map(repr, missing))} (it has {sorted(state)}: a state dict of another "
+                                 f"optimizer?)")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_state_dict(state_dict)
         super().load_state_dict(copy.deepcopy(state_dict))
         for group in self.param_groups:
             for p in group["params"]:

@@ -1,4 +1,5 @@
-"""``dlkernels.optim.Adam`` and ``AdamW``: drop-in for ``torch.optim.Adam`` / ``AdamW`` on ``dlkernels.ops.adam_step``."""
+"""``dlkernels.optim.Adam`` and ``AdamW``: drop-ins for ``torch.optim.Adam`` / ``AdamW`` on ``dlkernels.ops.adam_step``.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,15 +8,22 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import adam_step
-from ._fused import FusedOptimizer, check_betas, check_lr, check_nonnegative, local_shards
+from ._fused import FusedOptimizer, check_adam_args, check_fused_flags, local_shards
 
 
 class Adam(FusedOptimizer):
-    """Adam (``decoupled_weight_decay=True``: AdamW) with torch's arguments, defaults and state.
+    """Adam (``decoupled_weight_decay=True``: AdamW) with torch's arguments, defaults, checks and state.
 
-    ``foreach``, ``fused`` and ``capturable`` are accepted and ignored: every step is one fused update per param
-    group that reads step counts, a tensor ``lr`` and AMP's ``grad_scale`` / ``found_inf`` on the device.
+    ``foreach``, ``fused`` and ``capturable`` are accepted, checked as torch checks them and kept in the param groups,
+    but change nothing: every step is one fused update per param group that reads step counts, a tensor ``lr`` and
+    AMP's ``grad_scale`` / ``found_inf`` on the device (so it is always capturable). ``lr``, ``betas`` (both), ``eps``
+    and ``weight_decay`` may be 1-element tensors, as in torch; tensor betas, eps and weight decay are read on the
+    host at each step. Refused: ``differentiable=True`` and complex params (use ``torch.optim.Adam`` for those).
+    NaN/Inf propagate as in torch's for-loop Adam.
     """
+
+    _required_group_keys = ("lr", "betas", "eps", "weight_decay")
+    _required_state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -33,12 +41,11 @@ class Adam(FusedOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative("epsilon", eps)
-        check_betas(betas)
-        check_nonnegative("weight_decay", weight_decay)
+        betas = check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
+        check_fused_flags(fused, foreach, differentiable)
         if differentiable:
-            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+            raise ValueError(f"dlkernels.optim.{type(self).__name__} does not support differentiable=True "
+                             f"(use torch.optim.{type(self).__name__})")
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -47,12 +54,18 @@ class Adam(FusedOptimizer):
             "amsgrad": amsgrad,
             "maximize": maximize,
             "foreach": foreach,
-            "capturable": False,
-            "differentiable": False,
+            "capturable": capturable,
+            "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults)
+
+    def check_hyperparameters(self, group) -> None:
+        check_adam_args(group["lr"], group["betas"], group["eps"], group["weight_decay"], group.get("foreach"),
+                        group.get("capturable", False))
+        if group.get("differentiable"):
+            raise ValueError(f"dlkernels.optim.{type(self).__name__} does not support differentiable=True")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -85,7 +98,8 @@ class Adam(FusedOptimizer):
         adam_step(
             *map(local_shards, (params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs)), steps,
             lr, lr_tensor, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-            group["amsgrad"], group["maximize"], group["decoupled_weight_decay"], grad_scale, found_inf,
+            bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"]), grad_scale,
+            found_inf,
         )
 
 

@@ -6,15 +6,38 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.optim import sgd_step
-from ._fused import FusedOptimizer, check_lr, check_nonnegative, local_shards
+from torch.optim.sgd import sgd as torch_sgd
+
+from ..ops.optim import _skipped, _unscale, sgd_step
+from ._fused import FusedOptimizer, check_fused_flags, local_shards
+
+
+def check_sgd_args(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    """torch.optim.SGD's constructor checks, in its order."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 class SGD(FusedOptimizer):
-    """SGD with torch's arguments, defaults and state (``momentum_buffer`` when ``momentum != 0``).
+    """SGD with torch's arguments, defaults, checks and state (``momentum_buffer`` when ``momentum != 0``).
 
-    ``foreach`` and ``fused`` are accepted and ignored: every step is one fused update per param group.
+    ``foreach`` and ``fused`` are accepted, checked as torch checks them and kept, but change nothing: every step is
+    one fused update per param group. ``lr``, ``momentum``, ``dampening`` and ``weight_decay`` may be tensors, as in
+    torch (all but ``lr`` are read on the host at each step). A group with sparse gradients takes torch's own
+    for-loop SGD (with AMP's unscale and skip applied first). Refused: ``differentiable=True`` and complex params
+    (use ``torch.optim.SGD``). NaN/Inf propagate as in torch's for-loop SGD.
     """
+
+    _supports_sparse_grads = True
+    _required_group_keys = ("lr", "momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
@@ -30,13 +53,10 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative("momentum", momentum)
-        check_nonnegative("weight_decay", weight_decay)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
+        check_fused_flags(fused, foreach, differentiable)
         if differentiable:
-            raise ValueError("SGD does not support differentiable=True")
+            raise ValueError("dlkernels.optim.SGD does not support differentiable=True (use torch.optim.SGD)")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -45,10 +65,16 @@ class SGD(FusedOptimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "foreach": foreach,
-            "differentiable": False,
+            "differentiable": differentiable,
             "fused": fused,
         }
         super().__init__(params, defaults)
+
+    def check_hyperparameters(self, group) -> None:
+        check_sgd_args(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                       group.get("nesterov", False))
+        if group.get("differentiable"):
+            raise ValueError("dlkernels.optim.SGD does not support differentiable=True")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -60,10 +86,13 @@ class SGD(FusedOptimizer):
             group.setdefault("fused", False)
 
     def _step_group(self, group, params, grad_scale, found_inf) -> None:
+        if any(p.grad.is_sparse for p in params):
+            self._step_group_sparse(group, params, grad_scale, found_inf)
+            return
         lr, lr_tensor = self._lr(group)
         hyper = (
             lr, lr_tensor, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
-            group["nesterov"], group["maximize"], grad_scale, found_inf,
+            bool(group["nesterov"]), bool(group["maximize"]), grad_scale, found_inf,
         )
         if group["momentum"] == 0:
             sgd_step(local_shards(params), local_shards([p.grad for p in params]), [], False, *hyper)
@@ -77,3 +106,20 @@ class SGD(FusedOptimizer):
             if subset:
                 buffers = [self.state[p]["momentum_buffer"] for p in subset]
                 sgd_step(*map(local_shards, (subset, [p.grad for p in subset], buffers)), first_step, *hyper)
+
+    def _step_group_sparse(self, group, params, grad_scale, found_inf) -> None:
+        """torch's for-loop SGD, which takes sparse gradients, after AMP's skip and unscale."""
+        if _skipped(found_inf):
+            return
+        grads = [p.grad for p in params]
+        _unscale(grads, grad_scale)
+        has_momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if has_momentum else []
+        torch_sgd(
+            params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            has_sparse_grad=True, foreach=False, fused=False,
+        )
+        if has_momentum:
+            for p, buffer in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buffer

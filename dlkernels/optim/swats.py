@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import SWATS_PHASE, SWATS_SGD_LR, SWATS_STATE_SIZE, swats_step
-from ._fused import FusedOptimizer, check_betas, check_lr, check_nonnegative
+from ._fused import FusedOptimizer, check_adam_args
 
 
 class SWATS(FusedOptimizer):
@@ -32,15 +32,18 @@ class SWATS(FusedOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative("epsilon", eps)
-        check_betas(betas)
-        check_nonnegative("weight_decay", weight_decay)
+        betas = check_adam_args(lr, betas, eps, weight_decay)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "foreach": foreach,
                     "fused": fused}
         super().__init__(params, defaults)
 
+    _sparse_name = "SWATS"
     _elementwise = False  # the switch test sums over every element of the group
+    _required_group_keys = ("lr", "betas", "eps", "weight_decay")
+    _required_state_keys = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
+
+    def check_hyperparameters(self, group) -> None:
+        check_adam_args(group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     def _init_param_group(self, group) -> None:
         device = group["params"][0].device if group["params"] else torch.device("cpu")
