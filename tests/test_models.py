@@ -135,7 +135,7 @@ TRAINING = {
                          (make_input((4, 3, 32, 32), seed=0), _tokens((4,), 4, 1)), _classify),
     "vgg16": lambda: (models.vgg16(base_width=4, classifier_width=16, num_classes=4, dropout=0.0),
                       (make_input((4, 3, 32, 32), seed=0), _tokens((4,), 4, 1)), _classify),
-    "resnet34": lambda: (models.resnet34(base_width=4, num_classes=4),
+    "resnet18": lambda: (models.resnet18(base_width=4, num_classes=4),
                          (make_input((4, 3, 32, 32), seed=0), _tokens((4,), 4, 1)), _classify),
     "bilstm_tagger": lambda: (
         models.bilstm_tagger(12, 5, embedding_dim=8, hidden_size=8),
@@ -152,7 +152,7 @@ TRAINING = {
 }
 
 
-LEARNING_RATES = {"lenet5": 3e-3, "vgg11_bn": 3e-3, "vgg16": 3e-3, "resnet34": 1e-2, "bilstm_tagger": 3e-2,
+LEARNING_RATES = {"lenet5": 3e-3, "vgg11_bn": 3e-3, "vgg16": 3e-3, "resnet18": 1e-2, "bilstm_tagger": 3e-2,
                   "lstm_lm": 3e-2, "speech_encoder": 1e-2}
 
 
@@ -196,11 +196,3 @@ def test_train_lenet5_on_digits_reaches_95_percent(tmp_path):
     assert (tmp_path / "lenet5-loss.png").stat().st_size > 0
     assert (tmp_path / "lenet5-results.json").exists()
 
-
-@pytest.mark.parametrize("name", ["bilstm_tagger", "lstm_lm", "speech_encoder"])
-def test_train_synthetic_tasks_lower_the_loss(tmp_path, name):
-    from dlkernels.train import train
-
-    results = train(name, epochs=2, backend="reference", out_dir=tmp_path, progress=False)
-    steps = results["history"]["step_loss"]
-    assert sum(steps[-5:]) / 5 < 0.9 * sum(steps[:5]) / 5, steps
