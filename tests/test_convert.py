@@ -52,7 +52,9 @@ class Tagger(nn.Module):
 
 
 def _batch(model_name: str, dtype):
-    if model_name == "tagger":
+    if model_name == "speech_encoder":
+        return make_input((2, 21, 12), dtype, seed=1)
+    if model_name in ("tagger", "bilstm_tagger", "lstm_lm"):
         return torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
     shape = {"small_cnn": (4, 3, 8, 8), "lenet5": (3, 1, 32, 32), "vgg11_bn": (2, 3, 32, 32),
              "resnet18": (2, 3, 32, 32), "vgg11": (2, 3, 32, 32)}[model_name]
@@ -66,6 +68,10 @@ BUILDERS = {
     "vgg11": lambda: models.vgg11(stock=True, base_width=4, classifier_width=16, num_classes=5),
     "vgg11_bn": lambda: models.vgg11(batch_norm=True, stock=True, base_width=4, classifier_width=16, num_classes=5),
     "resnet18": lambda: models.resnet18(stock=True, base_width=4, num_classes=5),
+    "bilstm_tagger": lambda: models.bilstm_tagger(11, 4, embedding_dim=8, hidden_size=8, stock=True),
+    "lstm_lm": lambda: models.lstm_lm(11, embedding_dim=8, hidden_size=8, stock=True),
+    "speech_encoder": lambda: models.speech_encoder(12, 16, 2, 1, 32, window=(2, 1), dropout=0.0, num_classes=3,
+                                                    stock=True),
 }
 
 
@@ -73,6 +79,7 @@ def _run(model, x, dtype):
     """Output and parameter gradients of one training-mode forward/backward on a fixed upstream gradient."""
     model.zero_grad()
     y = model(x if not x.is_floating_point() else x.to(dtype))
+    y = y[0] if isinstance(y, tuple) else y  # lstm_lm: (scores, state)
     g = make_input(y.shape, y.dtype, seed=7)
     y.backward(g)
     return y, {n: p.grad for n, p in model.named_parameters()}
@@ -130,9 +137,11 @@ def test_convert_matches_the_stock_model(name, dtype):
 
 
 @pytest.mark.parametrize("name,dtype", [("lenet5", torch.float16), ("vgg11_bn", torch.float16),
-                                        ("resnet18", torch.float32)])
+                                        ("resnet18", torch.float32), ("bilstm_tagger", torch.float32),
+                                        ("lstm_lm", torch.float16), ("speech_encoder", torch.float16)])
 def test_convert_matches_the_stock_model_zoo(name, dtype):
-    """fp16 runs the conv kernels. ResNet in fp32 (batch norm kernels, reference convs): at test sizes its last
+    """The stock twins of dlkernels.models (VGG-16 and ResNet-34 are the same classes as VGG-11 and ResNet-18).
+    fp16 runs the conv and attention kernels. ResNet in fp32 (batch norm kernels, reference convs): at test sizes its last
     batch norms see 2 values per channel, where fp16 gradients are mostly rounding noise, eager's too."""
     check_convert(name, dtype)
 
