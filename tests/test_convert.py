@@ -51,14 +51,14 @@ class Tagger(nn.Module):
         return self.head(self.norm(h))
 
 
-def _batch(model_name: str, dtype):
+def _batch(model_name: str, dtype, device="cpu"):
     if model_name == "speech_encoder":
-        return make_input((2, 21, 12), dtype, seed=1)
+        return make_input((2, 21, 12), dtype, device, seed=1)
     if model_name in ("tagger", "bilstm_tagger", "lstm_lm"):
-        return torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+        return torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0)).to(device)
     shape = {"small_cnn": (4, 3, 8, 8), "lenet5": (3, 1, 32, 32), "vgg11_bn": (2, 3, 32, 32),
              "resnet18": (2, 3, 32, 32), "vgg11": (2, 3, 32, 32)}[model_name]
-    return make_input(shape, dtype, seed=1)
+    return make_input(shape, dtype, device, seed=1)
 
 
 BUILDERS = {
@@ -80,14 +80,14 @@ def _run(model, x, dtype):
     model.zero_grad()
     y = model(x if not x.is_floating_point() else x.to(dtype))
     y = y[0] if isinstance(y, tuple) else y  # lstm_lm: (scores, state)
-    g = make_input(y.shape, y.dtype, seed=7)
+    g = make_input(y.shape, y.dtype, y.device, seed=7)
     y.backward(g)
     return y, {n: p.grad for n, p in model.named_parameters()}
 
 
-def check_convert(name: str, dtype: torch.dtype):
+def check_convert(name: str, dtype: torch.dtype, device="cpu"):
     torch.manual_seed(0)
-    model = BUILDERS[name]().to(dtype)
+    model = BUILDERS[name]().to(device, dtype)
     if name in ("vgg11", "vgg11_bn"):  # the classifier's dropout makes runs incomparable
         for m in model.modules():
             if isinstance(m, nn.Dropout):
@@ -104,7 +104,7 @@ def check_convert(name: str, dtype: torch.dtype):
     names = {e.name for e in report}
     assert set(n for n, _ in converted.named_modules()) <= names, "the report misses modules"
     assert report.replaced, "nothing was replaced"
-    x = _batch(name, dtype)
+    x = _batch(name, dtype, device)
     y, grads = _run(converted, x, dtype)
     y_eager, grads_eager = _run(eager, x, dtype)
     y_ref, grads_ref = _run(ref, x.double() if x.is_floating_point() else x, torch.float64)
@@ -134,6 +134,13 @@ def _fp32_without_tf32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_convert_matches_the_stock_model(name, dtype):
     check_convert(name, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lenet5", "vgg11_bn", "resnet18", "bilstm_tagger", "speech_encoder", "tagger"])
+def test_convert_matches_the_stock_model_gpu(name, device):
+    """On the GPU, bf16: the real kernels (conv, batch norm, attention, LSTM) in whole models."""
+    check_convert(name, torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("name,dtype", [("lenet5", torch.float16), ("vgg11_bn", torch.float16),

@@ -196,3 +196,12 @@ def test_train_lenet5_on_digits_reaches_95_percent(tmp_path):
     assert (tmp_path / "lenet5-loss.png").stat().st_size > 0
     assert (tmp_path / "lenet5-results.json").exists()
 
+
+
+@pytest.mark.gpu
+def test_train_lenet5_on_the_gpu_reports_step_times(tmp_path, device):
+    from dlkernels.train import train
+
+    results = train("lenet5", epochs=6, device=device, out_dir=tmp_path, progress=False)
+    assert results["test_accuracy"] >= 0.95, results["history"]["epochs"]
+    assert results["step_ms_dlkernels"] > 0 and results["step_ms_stock"] > 0
