@@ -123,11 +123,12 @@ def check_convert(name: str, dtype: torch.dtype, device="cpu"):
 
 @pytest.fixture(autouse=True)
 def _fp32_without_tf32():
-    """fp32 convolutions take the exact path (the fp32 conv kernel would use TF32, whose error is not fp32's)."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
+    """fp32 convolutions take the exact path (the fp32 conv kernel would use TF32, whose error is not fp32's).
+    Through cudnn.flags, keeping the other flags: direct assignment is refused once torch's test utilities load."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        yield
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "tagger"])
