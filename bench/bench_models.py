@@ -9,7 +9,8 @@ those of the issue's targets (H200): VGG-16-BN and ResNet-18 at B64 224², the B
 layers, the speech encoder at B8 with 1500 frames after subsampling, d 256, 6 layers, window (64, 16).
 
 The work of a case is the FLOPs torch's FlopCounterMode counts for one stock step (forward and backward), so the
-table's TFLOP/s and the samples/s (batch / time) compare providers on the same work.
+table's TFLOP/s and the samples/s (batch / time) compare providers on the same work. FlopCounterMode does not count
+cuDNN's fused RNN op: the LSTM models' TFLOP/s cover their other layers only (their time ratio is what matters).
 """
 from __future__ import annotations
 
