@@ -463,3 +463,17 @@ def test_double_backward_through_kernel_forward():
     gx2.square().sum().backward()
     torch.testing.assert_close(gx, gx2, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_block_signature_is_the_issues():
+    """ConvBlock2d has no torch namesake (tests/test_signatures.py exempts it): its signature is issue 10's."""
+    import inspect
+
+    params = inspect.signature(dlkernels.nn.ConvBlock2d.__init__).parameters
+    expected = [("in_channels", inspect.Parameter.empty), ("out_channels", inspect.Parameter.empty),
+                ("kernel_size", inspect.Parameter.empty), ("stride", 1), ("padding", 0), ("bias", True),
+                ("activation", "relu"), ("pool", None)]
+    assert [(n, p.default) for n, p in params.items() if n != "self"][:len(expected)] == expected
+    block = dlkernels.nn.ConvBlock2d(3, 8, 3, 1, 1, False, None, ("max", 2))
+    assert block.bias is None and block.activation is None and block.pool == ("max", 2)
+    assert set(block.state_dict()) == set(torch.nn.Conv2d(3, 8, 3, bias=False).state_dict())
