@@ -33,9 +33,7 @@ NO_TORCH_COUNTERPART = {
 
 # Gaps known today, each an open item of an issue: the test for that class is expected to fail until it is closed
 # (strict: the entry must go when it is fixed).
-KNOWN_GAPS = {
-    "SyncBatchNorm": "issue 7: torch 2.13's keyword-only bias= missing, **kwargs in __init__ (batch norm owner)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _public_classes(module, base) -> list[type]:

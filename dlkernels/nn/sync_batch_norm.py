@@ -40,12 +40,17 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         activation: Optional[str] = None,
-        **kwargs,
     ) -> None:
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        if _HAS_BIAS_ARG:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        elif not bias:
+            raise ValueError(f"bias=False needs a torch whose batch norm takes bias= (not {torch.__version__})")
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
         self.activation = activation
 
