@@ -195,7 +195,8 @@ def launch_workload() -> None:
         "vgg11_bn": (lambda: models.vgg11(batch_norm=True, num_classes=10, classifier_width=64),
                      lambda: (torch.zeros(2, 3, 32, 32),)),
         "resnet18": (lambda: models.resnet18(num_classes=10), lambda: (torch.zeros(2, 3, 64, 64),)),
-        "bilstm_tagger": (lambda: models.bilstm_tagger(100, 5, 256, 512), lambda: (torch.zeros(2, 16, dtype=torch.long),)),
+        "bilstm_tagger": (lambda: models.bilstm_tagger(100, 5, 256, 512),
+                          lambda: (torch.zeros(2, 16, dtype=torch.long),)),
         "speech_encoder": (lambda: models.speech_encoder(80, 256, 4, 2, 1024, window=(64, 16), dropout=0.0),
                            lambda: (torch.zeros(2, 403, 80),)),
     }

@@ -149,8 +149,8 @@ def test_convert_matches_the_stock_model_gpu(name, device):
                                         ("lstm_lm", torch.float16), ("speech_encoder", torch.float16)])
 def test_convert_matches_the_stock_model_zoo(name, dtype):
     """The stock twins of dlkernels.models (VGG-16 and ResNet-34 are the same classes as VGG-11 and ResNet-18).
-    fp16 runs the conv and attention kernels. ResNet in fp32 (batch norm kernels, reference convs): at test sizes its last
-    batch norms see 2 values per channel, where fp16 gradients are mostly rounding noise, eager's too."""
+    fp16 runs the conv and attention kernels. ResNet in fp32 (batch norm kernels, reference convs): at test sizes its
+    last batch norms see 2 values per channel, where fp16 gradients are mostly rounding noise, eager's too."""
     check_convert(name, dtype)
 
 
