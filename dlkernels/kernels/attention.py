@@ -80,13 +80,17 @@ _GPU_DROPOUT_CONFIGS = {
 _INTERPRETER_CONFIG = _cfg(32, 32, 4, 1)  # small blocks keep the interpreter's per-op numpy work cheap
 
 
-def block_configs(head_dim_block: int, device: torch.device, kind: str, dropout: bool = False) -> list[dict]:
+def block_configs(head_dim_block: int, device: torch.device, kind: str, dropout: bool = False,
+                  register_cap: bool = True) -> list[dict]:
     """Candidate launch parameters for ``kind`` in {"fwd", "dq", "dkdv"}: BLOCK_M (queries), BLOCK_N (keys), warps,
-    stages (and a register cap); ``head_dim_block`` is the larger padded head dim. The first is the default."""
+    stages (and a register cap); ``head_dim_block`` is the larger padded head dim. The first is the default.
+    ``register_cap=False`` drops the register-capped candidates (they spill with a padding mask or a padded head
+    dim)."""
     if not gpu_launch_config(device):
         return [_INTERPRETER_CONFIG]
     by_dim = (_GPU_DROPOUT_CONFIGS if dropout else _GPU_CONFIGS)[kind]
-    return by_dim[min(d for d in by_dim if d >= head_dim_block)]
+    configs = by_dim[min(d for d in by_dim if d >= head_dim_block)]
+    return configs if register_cap else [c for c in configs if "maxnreg" not in c]
 
 
 _tuned: dict = {}
@@ -96,7 +100,8 @@ def _launch(kernel, kind: str, grid, args: tuple, kwargs: dict, device: torch.de
     """Launches ``kernel`` with the cached best of ``block_configs`` for this problem class (timed once per class on
     a GPU, so the first call of a class must not be inside CUDA-graph capture; the first candidate elsewhere).
     ``grid(config)`` gives the grid; ``problem`` the class key."""
-    configs = block_configs(head_dim_block, device, kind, kwargs["DROPOUT"])
+    plain = not kwargs["HAS_KPM"] and kwargs["BLOCK_DK"] == kwargs["DK"] and kwargs["BLOCK_DV"] == kwargs["DV"]
+    configs = block_configs(head_dim_block, device, kind, kwargs["DROPOUT"], register_cap=plain)
     config = configs[0]
     if device.type == "cuda" and len(configs) > 1 and os.environ.get("DLKERNELS_ATTENTION_TUNE", "1") != "0":
         key = (kind, head_dim_block, problem)
