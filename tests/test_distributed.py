@@ -45,16 +45,17 @@ def _split(t: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
     return t[start:start + sizes[rank]]
 
 
-def _scenario_sync_bn(rank: int, split: str, relu: bool) -> dict:
+def _scenario_sync_bn(rank: int, split: str, relu: bool, dtype: torch.dtype = torch.float32) -> dict:
     sizes = BN_SPLITS[split]
     bn = dlkernels.nn.SyncBatchNorm(BN_SHAPE[1], activation="relu" if relu else None)
     _bn_params(bn)
+    bn.to(dtype)
     out = {}
     for step in range(2):
         x, g = _bn_data(step)
-        x = _split(x, sizes, rank).clone().requires_grad_()
+        x = _split(x, sizes, rank).to(dtype).requires_grad_()
         y = bn(x)
-        y.backward(_split(g, sizes, rank))
+        y.backward(_split(g, sizes, rank).to(dtype))
         out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
     out.update(dw=bn.weight.grad, db=bn.bias.grad, running_mean=bn.running_mean, running_var=bn.running_var,
                num_batches_tracked=bn.num_batches_tracked)
@@ -173,6 +174,7 @@ SCENARIOS = {
     "sync_bn_unequal": lambda rank: _scenario_sync_bn(rank, "unequal", relu=False),
     "sync_bn_unequal_relu": lambda rank: _scenario_sync_bn(rank, "unequal", relu=True),
     "sync_bn_empty_rank": lambda rank: _scenario_sync_bn(rank, "empty", relu=False),
+    "sync_bn_unequal_relu_bf16": lambda rank: _scenario_sync_bn(rank, "unequal", relu=True, dtype=torch.bfloat16),
     "ddp": _scenario_ddp,
     "fsdp2": _scenario_fsdp,
 }
@@ -223,14 +225,15 @@ def _ranks(results, name):
     return ranks
 
 
-@pytest.mark.parametrize("name", ["sync_bn_unequal", "sync_bn_unequal_relu", "sync_bn_empty_rank"])
+@pytest.mark.parametrize("name", ["sync_bn_unequal", "sync_bn_unequal_relu", "sync_bn_empty_rank",
+                                  "sync_bn_unequal_relu_bf16"])
 def test_sync_batch_norm_equals_batch_norm_of_the_whole_batch(results, name):
     ranks = _ranks(results, name)
-    relu = name.endswith("relu")
+    relu = "relu" in name
     sizes = BN_SPLITS["empty" if "empty" in name else "unequal"]
     n = sum(sizes)
     models = {}
-    for key, dtype in (("eager", torch.float32), ("ref", torch.float64)):
+    for key, dtype in (("eager", torch.bfloat16 if name.endswith("bf16") else torch.float32), ("ref", torch.float64)):
         models[key] = torch.nn.BatchNorm2d(BN_SHAPE[1]).to(dtype)
         _bn_params(models[key])
     for step in range(2):

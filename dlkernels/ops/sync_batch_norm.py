@@ -72,6 +72,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if x.numel() == 0:
             return torch.empty_like(x)
         # Normalizing with given statistics is batch norm's evaluation form: the kernel (+ fused ReLU) does it.
+        # The combined statistics are in the accumulation dtype: the affine parameters join them there (batch norm
+        # takes fp32 statistics and parameters with fp16/bf16 input, not a mix of parameter dtypes).
+        weight, bias = (t.to(mean.dtype) if t is not None else None for t in (weight, bias))
         return batch_norm(x, mean, var, weight, bias, False, 0.0, eps, activation="relu" if relu else None)
 
     @staticmethod
