@@ -116,7 +116,7 @@ def compiled(tmp_path_factory):
 
 
 def _describe(row: dict) -> str:
-    consts = {k: v for k, v in resource_usage._named_constexprs(row).items() if k.isupper()}
+    consts = {k: v for k, v in resource_usage.named_constexprs(row).items() if k.isupper()}
     return f"{row['name']} {row['signature']} {consts} {row['options'].get('num_warps')} warps"
 
 
