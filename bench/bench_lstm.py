@@ -4,7 +4,8 @@ projection, inference (eval, no grad) and training (fwd+bwd: gradients of the in
 Providers: ``dlkernels`` (the ``auto`` backend: the engine table's choice), ``dlkernels per-step`` (backend
 ``triton``), ``dlkernels persistent`` (backend ``cuda``, where ``dlkernels._C`` has the persistent kernel and takes the
 shape), ``torch (cuDNN)``, and ``nn.LSTMCell loop`` (one layer, one direction).
-FLOPs counted: the gate GEMMs, 2 * B * 4H * (I + H) per step, layer and direction; fwd+bwd 3x that.
+FLOPs counted: the gate GEMMs, 2 * B * 4H * (I + H) per step, layer and direction (I = H, then 2H after a
+bidirectional layer); fwd+bwd 3x that.
 
 ``python bench/bench_lstm.py`` runs it alone; ``python bench/bench_lstm.py --per-step RESULTS.json`` prints µs per step
 of every provider and plots µs/step against T and against B (PNG next to the JSON).
@@ -86,8 +87,11 @@ def _case(steps, batch, hidden, layers, bidirectional, dtype, mode) -> runner.Ca
     for module in (ours, theirs):
         module.train(training)
     directions = 2 if bidirectional else 1
-    flops = 2 * batch * 4 * hidden * 2 * hidden * steps * layers * directions * (3 if training else 1)
-    name = f"T{steps} B{batch} H{hidden} L{layers} {'bi' if bidirectional else 'uni'} {str(dtype).replace('torch.', '')}"
+    inputs = [hidden] + [directions * hidden] * (layers - 1)  # each layer's input size
+    flops = sum(2 * batch * 4 * hidden * (size + hidden) for size in inputs) * steps * directions
+    flops *= 3 if training else 1
+    kind = "bi" if bidirectional else "uni"
+    name = f"T{steps} B{batch} H{hidden} L{layers} {kind} {str(dtype).replace('torch.', '')}"
     return runner.Case(OP, name, mode, providers, flops=flops,
                        params=dict(T=steps, B=batch, H=hidden, layers=layers, bidirectional=bidirectional,
                                    dtype=str(dtype)))
@@ -131,17 +135,26 @@ def checks() -> list:
 
 
 def launch_workload() -> None:
-    """The Triton launches of the benchmark (B, H) and dtypes, forward and backward, on CPU tensors. Launch
-    configurations depend on B, H and dtype, not on T, so two steps suffice."""
-    with dlkernels.backend("triton"):
-        for batch, hidden, dtype in itertools.product(BATCHES, HIDDENS, DTYPES):
-            w_ih, w_hh = (torch.empty(4 * hidden, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
-            x = torch.empty(2, batch, hidden, dtype=dtype, requires_grad=True)
-            h0, c0 = (torch.empty(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
-            y, h, c = dlkernels.ops.lstm_layer(x, h0, c0, w_ih, w_hh, lengths=torch.tensor([2] * batch))
-            torch.autograd.grad((y, h, c), [x, h0, c0, w_ih, w_hh], (torch.empty_like(y),) + (torch.empty_like(h),) * 2)
-            hc = dlkernels.ops.lstm_cell(x[0], h0, c0, w_ih, w_hh)
-            torch.autograd.grad(hc, [x, h0, c0], (torch.empty_like(h),) * 2)
+    """The benchmark's Triton launches (every B and H, fp32 and bf16, inference and fwd+bwd, uni- and bidirectional,
+    packed lengths too) on CPU tensors, for bench/resource_usage.py, which records them without running them. Launch
+    configurations depend on B, H and dtype, not on T or the layer count, so two steps of one layer suffice."""
+    for batch, hidden, dtype in itertools.product(BATCHES, HIDDENS, DTYPES):
+        name = f"B{batch} H{hidden} {str(dtype).replace('torch.', '')}"
+        lstm = dlkernels.nn.LSTM(hidden, hidden, bidirectional=True).to(dtype)
+        x = torch.empty(2, batch, hidden, dtype=dtype, requires_grad=True)
+        with dlkernels.backend("triton"):
+            with runner.workload_case(f"{name} bi fwd+bwd"):
+                y, (h, c) = lstm(x)
+                torch.autograd.grad((y, h, c), [x, *lstm.parameters()],
+                                    (torch.empty_like(y), torch.empty_like(h), torch.empty_like(c)))
+            with runner.workload_case(f"{name} packed eval"), torch.no_grad():
+                lengths = torch.full((batch,), 2)
+                lengths[batch // 2:] = 1
+                lstm(torch.nn.utils.rnn.pack_padded_sequence(x.detach(), lengths))
+            with runner.workload_case(f"{name} LSTMCell fwd+bwd"):
+                cell = dlkernels.nn.LSTMCell(hidden, hidden).to(dtype)
+                h, c = cell(x[0])
+                torch.autograd.grad((h, c), [x, *cell.parameters()], (torch.empty_like(h), torch.empty_like(c)))
 
 
 def per_step_report(path: str) -> None:

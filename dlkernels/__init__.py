@@ -29,3 +29,10 @@ __all__ = [
     "nn",
     "optim",
 ]
+
+from ._convert import convert  # noqa: E402
+
+__all__ += ["convert"]
+from . import models  # noqa: E402
+
+__all__ += ["models"]

@@ -101,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="benchmark (GPU) or correctness table (CPU) for every op")
     b.add_argument("--full", action="store_true", help="size sweeps instead of the quick set")
     b.add_argument("--ops", help="comma-separated op names, run in that order (default: all)")
+    from . import train
+
+    train.add_arguments(sub.add_parser("train", help="train one of dlkernels.models (digits / synthetic data)"))
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
         return 0
+    if args.command == "train":
+        return train.main(args)
     return bench(args)
 
 

@@ -18,6 +18,9 @@ GPU_RUN = False
 
 def _hypothesis_profiles(markexpr: str) -> None:
     from hypothesis import HealthCheck, settings
+    # torch's test utilities (module_db, optim_db) load their own hypothesis profile when first imported, process-wide,
+    # and @given captures the profile at decoration: import them first, so ours is the one loaded afterwards.
+    import torch.testing._internal.common_utils  # noqa: F401
 
     budget = os.environ.get("DLKERNELS_FUZZ_EXAMPLES")
     common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

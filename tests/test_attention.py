@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dlkernels
@@ -269,32 +269,46 @@ def attention_problems(draw):
         dk=draw(st.sampled_from([16, 24, 40])), dv=draw(st.sampled_from([None, 16, 32])),
         window=draw(st.one_of(st.none(), st.tuples(side, side))), causal=draw(st.booleans()),
         padding=draw(st.one_of(st.none(), st.floats(0.0, 1.0))), seed=draw(st.integers(0, 2**16)),
+        layout=draw(st.sampled_from(["contiguous", "bnhd", "strided-d", "expanded-padding"])),
     )
 
 
-def _padding(b, nk, fraction, seed, device):
+def _with_layout(t, layout):
+    """The same values as ``t`` (B, H, N, D) in another memory layout, as a differentiable view of a new leaf."""
+    if layout == "bnhd":  # (B, N, H, D) storage, as projections are laid out
+        return t.detach().transpose(1, 2).contiguous().requires_grad_(True).transpose(1, 2)
+    if layout == "strided-d":  # every other element of a twice-wider last dim
+        wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t.detach()
+        return wide.requires_grad_(True)[..., ::2]
+    return t
+
+
+def _padding(b, nk, fraction, seed, device, layout="contiguous"):
     if fraction is None:
         return None
+    if layout == "expanded-padding":  # one row shared by the batch: stride 0 along B
+        return (torch.rand(1, nk, generator=torch.Generator().manual_seed(seed)) < fraction).to(device).expand(b, nk)
     return (torch.rand(b, nk, generator=torch.Generator().manual_seed(seed)) < fraction).to(device)
 
 
 @pytest.mark.fuzz
-@settings(max_examples=min(8, settings().max_examples))
 @given(problem=attention_problems())
 def test_property_matches_reference(problem):
     """fp16 kernel (forward and gradients) against float64 over odd lengths (0 included), windows, causal, GQA,
-    Dv != Dk and random key padding (CPU, interpreter: hypothesis and function-scoped fixtures do not mix)."""
+    Dv != Dk, random key padding and memory layouts (transposed, strided last dim, stride-0 padding mask) (CPU,
+    interpreter: hypothesis and function-scoped fixtures do not mix)."""
     p, device = problem, "cpu"
     q, k, v = make_qkv(p["b"], p["hq"], p["hkv"], p["nq"], p["nk"], p["dk"], torch.float16, device, seed=p["seed"])
     if p["dv"] is not None:
         v = make_input((p["b"], p["hkv"], p["nk"], p["dv"]), torch.float16, device, seed=p["seed"] + 7,
                        requires_grad=True)
-    kpm = _padding(p["b"], p["nk"], p["padding"], p["seed"], device)
+    q, k, v = (_with_layout(t, p["layout"]) for t in (q, k, v))
+    kpm = _padding(p["b"], p["nk"], p["padding"], p["seed"], device, p["layout"])
     check_against_reference(q, k, v, causal=p["causal"], window=p["window"], key_padding_mask=kpm)
 
 
 @pytest.mark.fuzz
-@settings(max_examples=min(8, settings().max_examples))
 @given(problem=attention_problems(), placements=st.lists(
     st.tuples(st.sampled_from(["q", "k"]), st.integers(0, 69), st.sampled_from([float("nan"), float("inf"),
                                                                                   -float("inf")])),

@@ -738,3 +738,61 @@ def test_compile_fullgraph_stock_encoder_and_weights():
             got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
         for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(got, tuple) else (expected,)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- torch's module_db
+
+
+def _module_db_cases():
+    from torch.testing._internal.common_modules import module_db
+
+    ours = {nn.MultiheadAttention: dlkernels.nn.MultiheadAttention,
+            nn.TransformerEncoderLayer: dlkernels.nn.TransformerEncoderLayer}
+    return [pytest.param(info, training, id=f"{info.module_cls.__name__}-{'train' if training else 'eval'}")
+            for info in module_db if info.module_cls in ours for training in (True, False)], ours
+
+
+_MODULE_DB_CASES, _OURS = _module_db_cases()
+
+
+def _tensors(result):
+    return [t for t in (result if isinstance(result, tuple) else (result,)) if t is not None]
+
+
+@pytest.mark.parametrize("info,training", _MODULE_DB_CASES)
+def test_module_db_inputs(info, training):
+    """Every input torch's own module tests use (float64), as given and with need_weights=False for
+    MultiheadAttention (our kernel path there): outputs and every gradient as torch's, to float64 rounding.
+    One backend: float64 runs the op's reference implementation on both (the drop-in's own logic is under test)."""
+    backend = "triton"
+    inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=training)
+    assert inputs
+    for module_input in inputs:
+        ctor, fwd = module_input.constructor_input, module_input.forward_input
+        variants = [fwd.kwargs]
+        if info.module_cls is nn.MultiheadAttention:
+            variants.append({**fwd.kwargs, "need_weights": False})
+        for kwargs in variants:
+            torch.manual_seed(0)
+            theirs = info.module_cls(*ctor.args, **ctor.kwargs).double().train(training)
+            mine = _OURS[info.module_cls](*ctor.args, **ctor.kwargs).double().train(training)
+            mine.load_state_dict(theirs.state_dict())
+            results, grads = [], []
+            for module in (theirs, mine):
+                args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                        for a in fwd.args]
+                with dlkernels.backend(backend if module is mine else "auto"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # fallback notices
+                    out = _tensors(module(*args, **kwargs))
+                    loss = sum((o * make_input(o.shape, torch.float64, seed=i)).sum() for i, o in enumerate(out))
+                    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+                    leaves += list(module.parameters())
+                    grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
+                results.append(out)
+            for a, b in zip(*results):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, equal_nan=True)
+            for a, b in zip(*grads):
+                if a is None or b is None:
+                    assert a is None and b is None or (a if b is None else b).abs().max() == 0
+                    continue
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, equal_nan=True)

@@ -2,6 +2,8 @@
 gradients, each measured against a float64 reference and held to 2x eager PyTorch's own error."""
 import copy
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -667,6 +669,8 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         return x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
     if layout == "permuted" and x.dim() >= 3:  # dense, but neither NC... nor channels-last
         return x.transpose(-1, 0).contiguous().transpose(-1, 0)
+    if layout == "batch_expanded":  # stride 0 along the batch (the values repeat along it)
+        return x[:1].expand(x.shape)
     if layout == "sliced":  # every other element of the last dim of a twice-as-wide buffer
         buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
         buf[..., ::2] = x
@@ -695,7 +699,7 @@ def _functional_cases(draw):
     return dict(
         shape=tuple(shape), training=training,
         dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
-        layout=draw(st.sampled_from(["contiguous", "channels_last", "permuted", "sliced"])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "permuted", "sliced", "batch_expanded"])),
         affine=draw(st.booleans()), with_bias=draw(st.booleans()), with_running=draw(st.booleans()) or not training,
         momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.6, "tensor"])), relu=draw(st.booleans()),
         kinds={k: draw(st.sampled_from(kinds if k in "wb" or not training else kinds[:3]))
@@ -716,6 +720,8 @@ def test_property_functional_matches_float64_torch(case):
     x64 = make_input(shape, torch.float64, seed=case["seed"], mean=case["mean"])
     if case["nonfinite"] is not None:
         x64.view(-1)[case["position"]] = float(case["nonfinite"])
+    if case["layout"] == "batch_expanded":  # stride 0 along the batch: every sample is sample 0
+        x64 = x64[:1].expand(shape).clone()
     grad64 = make_input(shape, torch.float64, seed=case["seed"] + 1)
     per_channel = dict(w=make_input(c, torch.float64, seed=case["seed"] + 2, mean=1.0, std=0.3),
                        b=make_input(c, torch.float64, seed=case["seed"] + 3),
@@ -862,3 +868,37 @@ def test_pytorch_module_db_inputs(cls, module_input):
                 assert int(b) == int(b_eager)
             else:
                 assert_close(b, b_ref, b_eager, terms=terms, name=name)
+
+
+def test_store_rounded_compiles_to_a_plain_store_on_the_gpu(tmp_path):
+    """Issue 8 item 6: the hand rounding of bf16 stores exists only under the interpreter; a GPU build (compiled
+    here for sm_90 in a process without the interpreter) is a plain cast and store, with no integer rounding ops."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "store_probe.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+        from dlkernels.kernels.common import store_rounded
+
+        @triton.jit
+        def probe(out_ptr, x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            store_rounded(out_ptr, offs, tl.load(x_ptr + offs), offs < BLOCK)
+    """))
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import store_probe
+        src = ASTSource(store_probe.probe, {"out_ptr": "*bf16", "x_ptr": "*fp32", "BLOCK": "constexpr"},
+                        {(2,): 128})
+        print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ttir"])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(dlkernels.__file__).parent.parent)])
+    ttir = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert "tt.store" in ttir and "bf16" in ttir
+    for rounding_op in ("arith.andi", "arith.shrui", "tt.bitcast", "32767"):
+        assert rounding_op not in ttir, f"{rounding_op} in a GPU build of store_rounded:\n{ttir}"

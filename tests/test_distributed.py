@@ -61,10 +61,120 @@ def _scenario_sync_bn(rank: int, split: str, relu: bool) -> dict:
     return out
 
 
+# DistributedDataParallel: a converted model (every drop-in this installation has, SyncBatchNorm included) and a
+# fused optimizer; each rank gets half of the batch.
+DDP_BATCH = 4
+
+
+class TwoBranchNet(torch.nn.Module):
+    """An image branch (conv, batch norm, ReLU, pool) and a token branch (LSTM, Transformer layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, 3))
+        self.embed = torch.nn.Embedding(10, 8)
+        self.lstm = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, images, tokens):
+        seq, _ = self.lstm(self.embed(tokens))
+        return self.image(images), self.head(self.layer(seq)[:, -1])
+
+
+def _ddp_data():
+    images = make_input((DDP_BATCH, 2, 4, 4), seed=30)
+    tokens = torch.randint(0, 10, (DDP_BATCH, 5), generator=torch.Generator().manual_seed(31))
+    labels = torch.randint(0, 3, (DDP_BATCH,), generator=torch.Generator().manual_seed(32))
+    return images, tokens, labels
+
+
+def _ddp_model(convert: bool) -> torch.nn.Module:
+    torch.manual_seed(5)
+    model = TwoBranchNet()
+    if convert:
+        model = dlkernels.nn.SyncBatchNorm.convert_sync_batchnorm(dlkernels.convert(model))
+    return model
+
+
+def _ddp_loss(model, images, tokens, labels):
+    a, b = model(images, tokens)
+    return torch.nn.functional.cross_entropy(a, labels) + torch.nn.functional.cross_entropy(b, labels)
+
+
+def _scenario_ddp(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _ddp_model(convert=True)
+    assert isinstance(model.image[1], dlkernels.nn.SyncBatchNorm)
+    ddp = DistributedDataParallel(model)
+    opt = dlkernels.optim.Adam(ddp.parameters(), lr=0.01)
+    half = DDP_BATCH // WORLD
+    out = {}
+    for step in range(2):
+        images, tokens, labels = (t[rank * half:(rank + 1) * half] for t in _ddp_data())
+        opt.zero_grad()
+        _ddp_loss(ddp, images, tokens, labels).backward()
+        if step == 0:
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+# FSDP2: fully_shard parameters (DTensors) stepped on their local shards by the fused optimizers. Sizes that split
+# unevenly over 2 ranks, and a 1-element bias whose shard on rank 1 is empty.
+def _fsdp_model() -> torch.nn.Module:
+    torch.manual_seed(6)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 1))
+
+
+def _fsdp_data():
+    return make_input((8, 6), seed=40), make_input((8, 1), seed=41)
+
+
+FSDP_OPTIMIZERS = {"Adam": dict(lr=0.05, weight_decay=0.1), "SGD": dict(lr=0.05, momentum=0.9)}
+
+
+def _scenario_fsdp(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for name, kwargs in FSDP_OPTIMIZERS.items():
+        model = _fsdp_model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        opt = getattr(dlkernels.optim, name)(model.parameters(), **kwargs)
+        x, y = (t[rank * 4:(rank + 1) * 4] for t in _fsdp_data())
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        out[name] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        out[f"{name}_state_is_dtensor"] = all(
+            type(s["exp_avg" if name == "Adam" else "momentum_buffer"]).__name__ == "DTensor"
+            for s in opt.state.values())
+    model = _fsdp_model()
+    fully_shard(model)
+    swats = dlkernels.optim.SWATS(model.parameters())
+    model(_fsdp_data()[0]).sum().backward()
+    try:
+        swats.step()
+        out["swats_error"] = None
+    except NotImplementedError as exc:
+        out["swats_error"] = str(exc)
+    return out
+
+
 SCENARIOS = {
     "sync_bn_unequal": lambda rank: _scenario_sync_bn(rank, "unequal", relu=False),
     "sync_bn_unequal_relu": lambda rank: _scenario_sync_bn(rank, "unequal", relu=True),
     "sync_bn_empty_rank": lambda rank: _scenario_sync_bn(rank, "empty", relu=False),
+    "ddp": _scenario_ddp,
+    "fsdp2": _scenario_fsdp,
 }
 
 
@@ -148,3 +258,40 @@ def test_sync_batch_norm_equals_batch_norm_of_the_whole_batch(results, name):
         assert int(rank_result["num_batches_tracked"]) == 2
     if "empty" in name:
         assert ranks[1]["y0"].shape == (0, *BN_SHAPE[1:]) and ranks[1]["dx0"].shape == (0, *BN_SHAPE[1:])
+
+
+def test_converted_model_under_ddp_gets_the_gradients_of_the_whole_batch(results):
+    ranks = _ranks(results, "ddp")
+    images, tokens, labels = _ddp_data()
+    single = _ddp_model(convert=True)
+    eager, ref = _ddp_model(convert=False), _ddp_model(convert=False).double()
+    grads = {}
+    for key, model, imgs in (("eager", eager, images), ("ref", ref, images.double())):
+        _ddp_loss(model, imgs, tokens, labels).backward()
+        grads[key] = {n: p.grad for n, p in model.named_parameters()}
+    terms = sum(p.numel() for p in single.parameters())
+    for n in grads["ref"]:
+        for rank, r in enumerate(ranks):
+            assert_close(r["grads"][n], grads["ref"][n], grads["eager"][n], terms=terms, name=f"rank {rank} grad {n}")
+    for n, p in ranks[0]["params"].items():  # DDP keeps the ranks' parameters identical
+        assert torch.equal(p, ranks[1]["params"][n]), n
+
+
+def test_fused_optimizers_step_fsdp2_shards_as_the_unsharded_run(results):
+    ranks = _ranks(results, "fsdp2")
+    x, y = _fsdp_data()
+    for name, kwargs in FSDP_OPTIMIZERS.items():
+        trained = {}
+        for key, dtype in (("eager", torch.float32), ("ref", torch.float64)):
+            model = _fsdp_model().to(dtype)
+            opt = getattr(torch.optim, name)(model.parameters(), **kwargs)
+            for _ in range(3):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+                opt.step()
+            trained[key] = dict(model.named_parameters())
+        for rank, r in enumerate(ranks):
+            assert r[f"{name}_state_is_dtensor"], "optimizer state should stay sharded (DTensor) as torch's"
+            for n, p in r[name].items():
+                assert_close(p, trained["ref"][n], trained["eager"][n], terms=64, name=f"{name} rank {rank} {n}")
+    assert "SWATS cannot step DTensor (FSDP2 fully_shard) parameters" in ranks[0]["swats_error"]

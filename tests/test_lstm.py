@@ -244,6 +244,20 @@ def test_state_dict_both_ways():
     torch.testing.assert_close(fresh(x)[0], theirs(x)[0])
 
 
+def test_autocast_runs_in_the_autocast_dtype_as_torch():
+    """Under CPU autocast (bf16) torch's LSTM runs in bf16; ours too (fp32 parameters and input, bf16 results)."""
+    ours, eager, ref = _modules(torch.float32, num_layers=2)
+    x = make_input((STEPS, BATCH, INPUT), seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with dlkernels.backend("triton"):
+            y, (h, c) = ours(x)
+        y_eager, (h_eager, c_eager) = eager(x)
+    y_ref, (h_ref, c_ref) = ref(x.double())
+    for name, got, want, bar in (("output", y, y_ref, y_eager), ("h_n", h, h_ref, h_eager), ("c_n", c, c_ref, c_eager)):
+        assert got.dtype == bar.dtype == torch.bfloat16, name
+        assert_close(got, want, bar, terms=HIDDEN + INPUT, name=name)
+
+
 def test_enforce_sorted_packed_input():
     """Sorted lengths packed with enforce_sorted=True (no permutation) give torch's outputs."""
     ours, eager, ref = _modules(torch.float64, num_layers=2, bidirectional=True)
@@ -473,6 +487,12 @@ class TestBadInput:
             dlkernels.ops.lstm_cell(torch.ones(2, INPUT, dtype=torch.int64), make_input((2, HIDDEN)),
                                     make_input((2, HIDDEN)), w, make_input((4 * HIDDEN, HIDDEN)))
 
+    def test_empty_sequence(self):
+        with pytest.raises(RuntimeError, match="sequence length to be larger than 0"):
+            self._lstm()(make_input((0, 2, INPUT)))
+        y, (h, c) = self._lstm()(make_input((3, 0, INPUT)))  # an empty batch is fine, as in torch
+        assert y.shape == (3, 0, HIDDEN) and h.shape == c.shape == (1, 0, HIDDEN)
+
     def test_unsorted_lengths_with_enforce_sorted(self):
         x = make_input((max(LENGTHS), len(LENGTHS), INPUT))
         with pytest.raises(RuntimeError, match="sorted in decreasing order"):
@@ -550,6 +570,76 @@ def test_fuzz_layer_matches_reference(steps, batch, size, hidden, proj, reverse,
     got, want, eager = run(torch.float32, "triton"), run(torch.float64, "reference"), run(torch.float32, "reference")
     for i, (g, w, e) in enumerate(zip(got, want, eager)):
         assert_close(g, w, e, terms=steps * batch + size + hidden, name=f"result {i}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The persistent engine's call path (reversal, lengths, dtypes, weight-gradient GEMMs), on the CPU: a stand-in for
+# dlkernels._C that implements LSTM_CONTRACT.md's two functions with the reference math and checks their arguments.
+
+
+class _ContractPersistent:
+    calls = 0
+
+    @staticmethod
+    def _lengths(lengths, batch):
+        assert lengths.dtype == torch.int32 and lengths.dim() == 1 and lengths.numel() in (0, batch)
+        return None if lengths.numel() == 0 else lengths.long()
+
+    @classmethod
+    def lstm_persistent_forward(cls, x_proj, w_hh, h0, c0, lengths, training):
+        from dlkernels.ops.lstm import reference_recurrence
+
+        cls.calls += 1
+        assert x_proj.is_contiguous() and w_hh.is_contiguous() and h0.dtype == x_proj.dtype == w_hh.dtype
+        assert c0.dtype == torch.float32 and isinstance(training, bool)
+        y, h, c, gates, c_all = reference_recurrence(x_proj, w_hh, None, h0, c0,
+                                                     cls._lengths(lengths, x_proj.shape[1]), False)
+        empty = torch.empty(0)
+        return y, h, c.float(), gates if training else empty, c_all if training else empty
+
+    @classmethod
+    def lstm_persistent_backward(cls, grad_y, grad_h_n, grad_c_n, w_hh, gates, c_all, c0, lengths):
+        from dlkernels.ops.lstm import reference_recurrence_backward
+
+        cls.calls += 1
+        for t in (grad_y, grad_h_n, grad_c_n, gates, c_all, c0):
+            assert t.dtype == torch.float32 and t.is_contiguous()
+        steps, batch, hidden = grad_y.shape
+        unused = torch.zeros(steps, batch, hidden)  # y and h0 only feed grad W_hh, which the caller computes
+        grad_gates, _, _, grad_h0, grad_c0 = reference_recurrence_backward(
+            grad_y, grad_h_n, grad_c_n, w_hh, None, unused[0], c0, cls._lengths(lengths, batch), False, unused,
+            gates, c_all)
+        return grad_gates, grad_h0, grad_c0
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_persistent_call_path_with_a_contract_stand_in(monkeypatch, kind):
+    from dlkernels import _backend
+    from dlkernels.ops import lstm as lstm_ops
+
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: _ContractPersistent)
+    monkeypatch.setattr(lstm_ops, "_engine", lambda x_proj, w_hr: "persistent")
+    _ContractPersistent.calls = 0
+    _compare(torch.float32, dict(num_layers=2, bidirectional=True), _input_maker(kind, False),
+             _hx_maker(kind, False, 2, True, 0), backend="triton")
+    assert _ContractPersistent.calls == 8  # 2 layers x 2 directions, forward and backward
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed", "unbatched"])
+def test_cudnn_route_hands_the_call_to_torch_unchanged(monkeypatch, kind):
+    """Where the engine table picks cuDNN (CUDA only), forward is torch's own with the caller's input and (h0, c0)."""
+    from dlkernels.ops import lstm as lstm_ops
+
+    ours, eager, _ = _modules(torch.float32, num_layers=2, bidirectional=True)
+    x, hx = _input_maker(kind, False)(torch.float32), _hx_maker(kind, False, 2, True, 0)(torch.float32)
+    assert not ours._use_cudnn(x)  # CPU tensors never take it
+    monkeypatch.setattr(type(ours), "_use_cudnn", lambda self, input: True)
+    monkeypatch.setattr(lstm_ops, "lstm_recurrence", None)  # no dlkernels recurrence may run
+    y, (h, c) = ours(x, hx)
+    y_eager, (h_eager, c_eager) = eager(x, hx)
+    for a, b in ((y.data if kind == "packed" else y, y_eager.data if kind == "packed" else y_eager), (h, h_eager),
+                 (c, c_eager)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ def _cfg(block_m, block_n, warps, stages, **options):
 # spills at the benchmark shapes, the later entries spill-free fallbacks for padded head dims and key padding.
 _GPU_CONFIGS = {
     "fwd": {
-        # D=64: 118 registers under the 128 cap, so two CTAs share an SM and hide each other's loop-phase bubbles.
-        64: [_cfg(128, 64, 8, 3, maxnreg=128), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+        # D=64: 118 registers under the 128 cap, so two CTAs share an SM and hide each other's loop-phase bubbles;
+        # 64-row blocks (4 CTAs/SM) touch 576 instead of 640 keys per row block in a ±256 window.
+        64: [_cfg(128, 64, 8, 3, maxnreg=128), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3)],
         128: [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)],
         256: [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)],
     },
@@ -88,17 +89,13 @@ def block_configs(head_dim_block: int, device: torch.device, kind: str, dropout:
     return by_dim[min(d for d in by_dim if d >= head_dim_block)]
 
 
-def block_config(head_dim_block: int, device: torch.device, kind: str, dropout: bool = False) -> dict:
-    """The default (first) of ``block_configs``."""
-    return block_configs(head_dim_block, device, kind, dropout)[0]
-
-
 _tuned: dict = {}
 
 
 def _launch(kernel, kind: str, grid, args: tuple, kwargs: dict, device: torch.device, head_dim_block: int, problem):
     """Launches ``kernel`` with the cached best of ``block_configs`` for this problem class (timed once per class on
-    a GPU; the first candidate elsewhere). ``grid(config)`` gives the grid; ``problem`` the class key."""
+    a GPU, so the first call of a class must not be inside CUDA-graph capture; the first candidate elsewhere).
+    ``grid(config)`` gives the grid; ``problem`` the class key."""
     configs = block_configs(head_dim_block, device, kind, kwargs["DROPOUT"])
     config = configs[0]
     if device.type == "cuda" and len(configs) > 1 and os.environ.get("DLKERNELS_ATTENTION_TUNE", "1") != "0":
@@ -175,32 +172,22 @@ def _query_major_bounds(m_start, Nk, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N
 
 @triton.jit
 def _fwd_block(
-    acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+    acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n,
     bh, Nq, Nk, LEFT, RIGHT, scale_log2, dropout_p, seed,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax. MASKED: apply the key-range and window masks (boundary blocks only).
-    ``seen`` (per row, 0/1): some key was allowed, which tells a row with no key (output 0) from one whose allowed
-    scores are all -inf (output NaN, as torch's softmax gives)."""
+    """One key block of the online softmax. MASKED: apply the key-range and window masks (boundary blocks only)."""
     cols = start_n + offs_n
     col_ok = cols < Nk
     k = _load_rows(k_base, cols, col_ok, stride_kn, stride_kd, DK, BLOCK_DK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
-        ok = _window_ok(rows[:, None], cols[None, :], LEFT, RIGHT) & col_ok[None, :]
-        if HAS_KPM:
-            pad = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n, mask=col_ok, other=1)
-            ok &= pad[None, :] == 0
-        s = tl.where(ok, s, float("-inf"))
-        seen = tl.maximum(seen, tl.max(ok.to(tl.int32), 1))
-    elif HAS_KPM:
-        key_ok = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n) == 0
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        seen = tl.maximum(seen, tl.max(key_ok.to(tl.int32), 0))
-    else:
-        seen = tl.maximum(seen, 1)
+        s = tl.where(_window_ok(rows[:, None], cols[None, :], LEFT, RIGHT) & col_ok[None, :], s, float("-inf"))
+    if HAS_KPM:
+        pad = tl.load(kpm_row + cols.to(tl.int64) * stride_kpm_n, mask=col_ok, other=1)
+        s = tl.where(pad[None, :] == 0, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing allowed so far keeps m = -inf; exponentiate against 0 there to avoid inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -211,12 +198,12 @@ def _fwd_block(
         p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], Nq, Nk, dropout_p), p, 0.0)
     v = _load_rows(v_base, cols, col_ok, stride_vn, stride_vd, DV, BLOCK_DV, MASKED)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new, seen
+    return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, KPM,
+    Q, K, V, Out, Lse, KPM, KPC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -244,31 +231,38 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    seen = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     # Only key blocks that meet the window of some row in this block: cost ~ N * (left + right).
     lo, full_lo, full_hi, hi = _query_major_bounds(m_start, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, l_i, m_i, seen = _fwd_block(
-            acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
             dropout_p, seed, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, l_i, m_i, seen = _fwd_block(
-            acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
             dropout_p, seed, DK, DV, BLOCK_DK, BLOCK_DV, False, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i, seen = _fwd_block(
-            acc, l_i, m_i, seen, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_row, start_n, rows, offs_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpm_n, bh, Nq, Nk, LEFT, RIGHT, scale_log2,
             dropout_p, seed, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_KPM, DROPOUT, DOT_PRECISION,
         )
 
-    # A row with allowed keys but l = 0 (all its scores -inf) gets 0 * inf = NaN, as torch's softmax gives.
-    has_key = seen > 0
+    # Whether a row has any allowed key, from the window and the padding's running count (not from l: a row whose
+    # allowed scores are all -inf has l = 0 and gets 0 * inf = NaN, as torch's softmax gives).
+    first = tl.maximum(rows - LEFT, 0)
+    last = tl.minimum(rows + RIGHT, Nk - 1)
+    has_key = first <= last
+    if HAS_KPM:  # KPC[b, j] = non-padded keys before j, (B, Nk + 1) contiguous
+        kpc_row = KPC + b * (Nk + 1)
+        kept = tl.load(kpc_row + last + 1, mask=has_key & row_ok, other=0) - \
+            tl.load(kpc_row + first, mask=has_key & row_ok, other=0)
+        has_key &= kept > 0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -537,10 +531,13 @@ def forward(q, k, v, key_padding_mask, seed: int, scale: float, left: int, right
     out = torch.empty((b, hq, nq, dv), dtype=dtype, device=q.device)
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     kpm, skpb, skpn, has_kpm = _kpm_args(key_padding_mask, q.device)
+    kpc = kpm  # unused without padding
+    if has_kpm:  # running count of kept keys: tells rows with no key from rows whose scores are all -inf
+        kpc = torch.nn.functional.pad(torch.cumsum(~key_padding_mask, dim=1, dtype=torch.int32), (1, 0))
     block_dk, block_dv = max(16, next_pow2(dk)), max(16, next_pow2(dv))
     _launch(
         _fwd_kernel, "fwd", lambda c: (triton.cdiv(nq, c["BLOCK_M"]), b * hq),
-        (q, k, v, out, lse, kpm, *q.stride(), *k.stride(), *v.stride(), skpb, skpn,
+        (q, k, v, out, lse, kpm, kpc, *q.stride(), *k.stride(), *v.stride(), skpb, skpn,
          hq, hq // hkv, nq, nk, left, right, scale * LOG2E, dropout_p, seed),
         dict(DK=dk, DV=dv, HAS_KPM=has_kpm, DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(q.dtype),
              BLOCK_DK=block_dk, BLOCK_DV=block_dv),

@@ -32,8 +32,9 @@ import triton.language as tl
 from .common import store_rounded
 from .launch import block_for, next_pow2, num_warps_for, resident_programs, sm_count, splits_in_waves
 
-# Registers per thread of the reduce kernels at the launch configurations below, from ptxas for sm_90 (see
-# bench/NOTES.md, "Batch norm"): they decide how many programs are resident per SM, hence the waves.
+# The reduce kernels are compiled with at most 64 registers per thread (``maxnreg``; at the tile sizes of
+# ``_reduce`` ptxas needs 60-64 for sm_90 without spilling, bench/NOTES.md "Batch norm"), so 4 programs of 8 warps
+# are resident per SM, and the grid is cut into whole waves of those.
 _REDUCE_REGISTERS = 64
 _REDUCE_WARPS = 8
 
@@ -286,17 +287,20 @@ def _reduce(x, g, stats, affine, channel_minor: bool, relu: bool):
     n, c, rows, k = _geometry(x, channel_minor)
     backward = g is not None
     slots = sm_count(x.device) * resident_programs(_REDUCE_WARPS, _REDUCE_REGISTERS)
+    # 32 bytes of loads per thread and iteration (x, and g backward): 4096 bf16 or 2048 fp32 elements forward, half
+    # that backward. The per-lane accumulators then fit _REDUCE_REGISTERS without spilling (ptxas, sm_90).
+    tile = max(256, 32 * 32 * _REDUCE_WARPS // (x.element_size() * (2 if backward else 1)))
     if channel_minor:
         block_c = min(next_pow2(c), 64)
-        block_r = max(16, 4096 // block_c)
+        block_r = max(16, tile // block_c)
         c_blocks = triton.cdiv(c, block_c)
         splits = splits_in_waves(triton.cdiv(rows, block_r), c_blocks, slots)
         grid, kernel = (c_blocks, splits), _reduce_channel_minor
         sizes = dict(BLOCK_R=block_r, BLOCK_C=block_c)
         geometry = (rows, c, splits)
     else:
-        block_k = block_for(k)
-        block_n = max(1, min(next_pow2(n), 4096 // block_k))
+        block_k = block_for(k, max_block=tile)
+        block_n = max(1, min(next_pow2(n), tile // block_k))
         splits = splits_in_waves(n, c, slots)
         grid, kernel = (c, splits), _reduce_channel_major
         sizes = dict(BLOCK_N=block_n, BLOCK_K=block_k)
@@ -306,7 +310,7 @@ def _reduce(x, g, stats, affine, channel_minor: bool, relu: bool):
     kernel[grid](
         x, x if g is None else g, stats, weight, bias, parts[0], parts[1], *geometry,
         ACC=_tl_acc(x.dtype), BACKWARD=backward, RELU=relu, HAS_WEIGHT=weight is not x, HAS_BIAS=bias is not x,
-        num_warps=_REDUCE_WARPS, **sizes,
+        num_warps=_REDUCE_WARPS, maxnreg=_REDUCE_REGISTERS, **sizes,
     )
     return parts
 

@@ -1,7 +1,8 @@
 """conv2d + bias + ReLU + max/avg pool in Triton: implicit GEMM (no im2col buffer), forward and backward.
 
 Tensors are read and written through their (N, C, H, W) strides: channels_last is the fast layout (channels are the
-contiguous GEMM reduction dim), NCHW and other strides work without copies. Accumulation is fp32; operands are
+contiguous GEMM reduction dim); under the interpreter NCHW and other strides are read in place, on the GPU an input
+whose channels are not contiguous is read through one channels_last copy (``readable_input``). Accumulation is fp32; operands are
 fp16/bf16 (fp32 as TF32 on the GPU, IEEE under the interpreter). Offsets are 64-bit at the batch dim; one sample's
 tensor (C*H*W elements) must stay below 2^31 (dlkernels.ops.conv sends larger ones to the reference).
 
@@ -30,7 +31,8 @@ import triton
 import triton.language as tl
 
 from .common import store_rounded
-from .launch import gpu_launch_config, next_pow2, sm_count
+from .launch import (conv_flat_k, conv_gemm_config, conv_route_config, conv_wgrad_config, gpu_launch_config,
+                     next_pow2, sm_count)
 
 POOL_NONE, POOL_MAX, POOL_AVG = 0, 1, 2
 
@@ -332,51 +334,38 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
+def readable_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the GEMMs read it. On the GPU an input whose channels are not contiguous (NCHW) is copied once to
+    channels_last (2 x its bytes; reading NCHW in place would make every A-tile load a scalar 2-byte gather); under
+    the interpreter it is read in place through its strides."""
+    if gpu_launch_config(x.device) and x.stride(1) != 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def pack_weight(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """The weight as the GEMM's B operand, output channels contiguous: [KH, KW, C_in, C_out] (forward) or, for the
     transposed conv, [KH, KW, C_out, C_in]. One small copy per call; OIHW strides would make every B load scalar."""
     return weight.permute(2, 3, 0, 1).contiguous() if transposed else weight.permute(2, 3, 1, 0).contiguous()
 
 
-def flat_k(c: int) -> bool:
-    """Flattened (kh, kw, c) reduction when C is not a multiple of 16 (C = 1, 3: one dot covers several taps)."""
-    return c % 16 != 0
-
-
-def forward_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled: bool = False) -> dict:
-    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels.
-    A pooled forward holds three fp32/int32 tiles (conv tile, running max or sum, window code): at most 64
-    channels and 8 warps, so that they fit in registers (ptxas: no spills; bench/NOTES.md)."""
-    if gpu_launch_config(device):
-        block_m = 128 if m >= 4096 else 64
-        block_n = max(16, min(64 if pooled else 128, next_pow2(co)))
-        block_k = 32 if dtype == torch.float32 else 64
-        block_k = min(block_k, max(16, next_pow2(c))) if not flat_k(c) else 32
-        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
-        big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
-        warps = 8 if big or (flat_k(c) and block_m >= 128) else 4
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
-    # Interpreter: few, large programs (its cost is per operation, not per element).
-    return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
-                BLOCK_K=64 if flat_k(c) else max(16, min(32, next_pow2(c))))
-
-
 def conv_forward(x, weight, bias, out, code, stride, padding, dilation, relu: bool, pool) -> None:
     """Fills ``out`` (N, CO, PH, PW) and, where the pool saves one, ``code`` (dlkernels.ops.conv)."""
+    x = readable_input(x)
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     ph, pw = out.shape[2:]
     kind, pkh, pkw, psh, psw = pool
     m = n * ph * pw
-    cfg = forward_config(x.device, m, c, co, x.dtype, pooled=kind != POOL_NONE)
+    cfg = conv_gemm_config(x.device, m, c, co, x.dtype, pooled=kind != POOL_NONE)
     saves_code = code.numel() > 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]))
     _conv_forward[grid](
-        x, pack_weight(weight), x if bias is None else bias, out, code if saves_code else out,
+        x, pack_weight(weight), x if bias is None else bias.contiguous(), out, code if saves_code else out,
         c, h, w, co, ph, pw, m,
         *_strides(x), *_strides(out), *(_strides(code) if saves_code else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw, pkh, pkw, psh, psw,
-        POOL=kind, RELU=relu, HAS_BIAS=bias is not None, FLAT_K=flat_k(c), **_dot_options(x), **cfg,
+        POOL=kind, RELU=relu, HAS_BIAS=bias is not None, FLAT_K=conv_flat_k(c), **_dot_options(x), **cfg,
     )
 
 
@@ -386,32 +375,20 @@ def _route_launch(grad_out, code, oh, ow, relu: bool, pool) -> torch.Tensor:
     kind, pkh, pkw, psh, psw = pool
     dz = torch.empty((n, oh, ow, co), device=grad_out.device, dtype=grad_out.dtype)
     m = n * oh * ow
-    gpu = gpu_launch_config(grad_out.device)
-    block_n = max(16, min(64, next_pow2(co)))
-    block_m = max(16, min(4096 // block_n if gpu else 256, next_pow2(m)))
+    block_m, block_n, options = conv_route_config(grad_out.device, m, co)
     has_code = code.numel() > 0
     _route[(triton.cdiv(m, block_m), triton.cdiv(co, block_n))](
         grad_out, code if has_code else grad_out, dz, co, oh, ow, ph, pw, m,
         *_strides(grad_out), *(_strides(code) if has_code else (0, 0, 0, 0)),
         pkh, pkw, psh, psw, triton.cdiv(pkh, psh), triton.cdiv(pkw, psw),
-        POOL=kind, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n, **({"num_warps": 4} if gpu else {}),
+        POOL=kind, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n, **options,
     )
     return dz.permute(0, 3, 1, 2)
 
 
-def wgrad_config(device, co: int, c: int, dtype: torch.dtype) -> dict:
-    if gpu_launch_config(device):
-        block_n = 32 if flat_k(c) else max(16, min(128, next_pow2(c)))
-        block_m = max(16, min(128, next_pow2(co)))
-        warps = 8 if block_m * block_n >= 128 * 128 else 4
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
-                    num_warps=warps, num_stages=3)
-    return dict(BLOCK_M=max(16, min(64, next_pow2(co))), BLOCK_N=64 if flat_k(c) else max(16, min(32, next_pow2(c))),
-                BLOCK_K=256)
-
-
 def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, relu: bool, pool, output_mask):
     """(grad_input, grad_weight, grad_bias), None where ``output_mask`` is False."""
+    x_read = readable_input(x) if output_mask[1] or output_mask[2] else x
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -428,8 +405,8 @@ def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, rel
         dx = torch.empty_like(x)
         hq, wq = triton.cdiv(h, stride[0]), triton.cdiv(w, stride[1])
         m = n * hq * wq
-        cfg = forward_config(x.device, m, co, c, x.dtype)
-        cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"] if not flat_k(co) else 64, next_pow2(co)))
+        cfg = conv_gemm_config(x.device, m, co, c, x.dtype)
+        cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"] if not conv_flat_k(co) else 64, next_pow2(co)))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_N"]), stride[0] * stride[1])
         _conv_dgrad[grid](
             g, y, pack_weight(weight, transposed=True), dx, c, h, w, co, oh, ow, hq, wq, m,
@@ -437,9 +414,9 @@ def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, rel
             RELU=relu_mask, **dots, **cfg,
         )
     if output_mask[1] or output_mask[2]:
-        cfg = wgrad_config(x.device, co, c, x.dtype)
+        cfg = conv_wgrad_config(x.device, co, c, x.dtype)
         k_total = kh * kw * c
-        k_blocks = triton.cdiv(k_total, cfg["BLOCK_N"]) if flat_k(c) else kh * kw * triton.cdiv(c, cfg["BLOCK_N"])
+        k_blocks = triton.cdiv(k_total, cfg["BLOCK_N"]) if conv_flat_k(c) else kh * kw * triton.cdiv(c, cfg["BLOCK_N"])
         tiles = triton.cdiv(co, cfg["BLOCK_M"]) * k_blocks
         pixels = n * oh * ow
         splits = max(1, min(triton.cdiv(4 * sm_count(x.device), tiles), triton.cdiv(pixels, 8 * cfg["BLOCK_K"])))
@@ -448,9 +425,9 @@ def conv_backward(grad_out, x, weight, out, code, stride, padding, dilation, rel
         part = torch.empty((splits, co, k_total), device=x.device, dtype=torch.float32)
         bias_part = torch.empty((splits, co), device=x.device, dtype=torch.float32)
         _conv_wgrad[(triton.cdiv(co, cfg["BLOCK_M"]), k_blocks, splits)](
-            g, y, x, part, bias_part, c, h, w, co, oh, ow, pixels, per_split,
-            *_strides(g), *_strides(y), *_strides(x), *geometry,
-            RELU=relu_mask, HAS_BIAS=bool(output_mask[2]), FLAT_K=flat_k(c), **dots, **cfg,
+            g, y, x_read, part, bias_part, c, h, w, co, oh, ow, pixels, per_split,
+            *_strides(g), *_strides(y), *_strides(x_read), *geometry,
+            RELU=relu_mask, HAS_BIAS=bool(output_mask[2]), FLAT_K=conv_flat_k(c), **dots, **cfg,
         )
         if output_mask[1]:
             dw = torch.empty_like(weight)

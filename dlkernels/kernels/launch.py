@@ -98,3 +98,54 @@ def lstm_cell_blocks(batch: int, hidden: int) -> tuple[int, int, int]:
     block_h = min(next_pow2(hidden), 128)
     block_b = min(next_pow2(batch), max(1, 1024 // block_h))
     return block_b, block_h, num_warps_for(4 * block_b * block_h)
+
+
+# conv2d (dlkernels/kernels/conv.py): implicit-GEMM tiles, chosen from sm_90 compiles (bench/NOTES.md).
+
+
+def conv_flat_k(c: int) -> bool:
+    """Flattened (kh, kw, c) reduction when C is not a multiple of 16 (C = 1, 3: one dot covers several taps)."""
+    return c % 16 != 0
+
+
+def conv_gemm_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled: bool = False) -> dict:
+    """Tile sizes of the forward (and dgrad, with C and CO swapped): GPU tiles of 128 pixels x up to 128 channels.
+    A pooled forward holds three fp32/int32 tiles (conv tile, running max or sum, window code): at most 64
+    channels and 8 warps, so that they fit in registers (ptxas: no spills; bench/NOTES.md)."""
+    if gpu_launch_config(device):
+        block_m = 128 if m >= 4096 else 64
+        block_n = max(16, min(64 if pooled else 128, next_pow2(co)))
+        block_k = 32 if dtype == torch.float32 else 64
+        if conv_flat_k(c):
+            block_k = 16 if dtype == torch.float32 else 32
+        else:
+            block_k = min(block_k, max(16, next_pow2(c)))
+        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
+        big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
+        warps = 8 if big or (conv_flat_k(c) and block_m >= 128) else 4
+        stages = 2 if dtype == torch.float32 and conv_flat_k(c) else 3  # fp32 gathers spill with 3 stages (AlexNet)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    # Interpreter: few, large programs (its cost is per operation, not per element).
+    return dict(BLOCK_M=max(16, min(256, next_pow2(m))), BLOCK_N=max(16, min(64, next_pow2(co))),
+                BLOCK_K=64 if conv_flat_k(c) else max(16, min(32, next_pow2(c))))
+
+
+def conv_wgrad_config(device, co: int, c: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the weight-gradient GEMM: output channels x (taps x input channels), pixels reduced."""
+    if gpu_launch_config(device):
+        block_n = 32 if conv_flat_k(c) else max(16, min(128, next_pow2(c)))
+        block_m = max(16, min(128, next_pow2(co)))
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
+                    num_warps=warps, num_stages=3)
+    return dict(BLOCK_M=max(16, min(64, next_pow2(co))),
+                BLOCK_N=64 if conv_flat_k(c) else max(16, min(32, next_pow2(c))), BLOCK_K=256)
+
+
+def conv_route_config(device, m: int, co: int) -> tuple[int, int, dict]:
+    """(BLOCK_M, BLOCK_N, launch options) of conv2d's backward routing pass (rows of conv output pixels x channels):
+    at most 128 rows on the GPU (larger tiles spill their 64-bit gather addresses)."""
+    block_n = max(16, min(64, next_pow2(co)))
+    if gpu_launch_config(device):
+        return max(16, min(4096 // block_n, 128, next_pow2(m))), block_n, {"num_warps": 4}
+    return max(16, min(256, next_pow2(m))), block_n, {}

@@ -18,11 +18,28 @@ class Conv2d(torch.nn.Conv2d):
     """``torch.nn.Conv2d(...)`` plus keyword-only ``activation=None|"relu"`` and ``pool=None|("max"|"avg",
     kernel_size[, stride])``, applied after the convolution in one fused op (see ``dlkernels.ops.conv2d``)."""
 
-    def __init__(self, *args, activation: Optional[str] = None, pool=None, **kwargs) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        activation: Optional[str] = None,
+        pool=None,
+    ) -> None:
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
         _pool_args(pool)  # fail at construction, not at the first call
-        super().__init__(*args, **kwargs)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device, dtype)
         self.activation = activation
         self.pool = tuple(pool) if pool is not None else None
 
@@ -59,5 +76,5 @@ class ConvBlock2d(Conv2d):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias, activation=activation,
-                         pool=pool, device=device, dtype=dtype)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias, device=device,
+                         dtype=dtype, activation=activation, pool=pool)

@@ -6,11 +6,19 @@ so ``state_dict`` loads both ways, and the same inputs and return values (option
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import _backend
 from ..ops import lstm as lstm_ops
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype torch's LSTM runs in under autocast on ``device_type`` (``lstm`` is on autocast's lower-precision
+    list on CUDA and CPU), or None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _let_dynamo_trace(cls) -> None:
@@ -122,12 +130,35 @@ class LSTM(torch.nn.LSTM):
             if packed:
                 hx = self.permute_hidden(hx, sorted_indices)
 
+        if x.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        cast = _autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
+            h_n, c_n, x = self._layers(x, hx, lengths, cast)
+        if packed:
+            out = pack_padded_sequence(x, lengths, enforce_sorted=True)
+            output = PackedSequence(out.data, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if not batched:
+            return x.squeeze(1 if not self.batch_first else 0), (h_n.squeeze(1), c_n.squeeze(1))
+        return x, (h_n, c_n)
+
+
+    def _layers(self, x, hx, lengths, cast):
+        """(h_n, c_n, output) of every layer; ``cast``: the autocast dtype everything runs in, or None."""
+        directions = 2 if self.bidirectional else 1
+        if cast is not None:
+            x, hx = x.to(cast), (hx[0].to(cast), hx[1].to(cast))
         h_n, c_n = [], []
         dev_lengths = None if lengths is None else lengths.to(x.device)
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = torch.nn.functional.dropout(x, self.dropout, training=True)
             weights = [self._layer_weights(layer, d) for d in range(directions)]
+            if cast is not None:
+                weights = [[w if w is None else w.to(cast) for w in ws] for ws in weights]
             h0 = [hx[0][layer * directions + d] for d in range(directions)]
             c0 = [hx[1][layer * directions + d] for d in range(directions)]
             if directions == 1:
@@ -143,16 +174,7 @@ class LSTM(torch.nn.LSTM):
                 )
                 h_n.extend(h)
                 c_n.extend(c)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
-        if packed:
-            out = pack_padded_sequence(x, lengths, enforce_sorted=True)
-            output = PackedSequence(out.data, batch_sizes, sorted_indices, unsorted_indices)
-            return output, self.permute_hidden((h_n, c_n), unsorted_indices)
-        if self.batch_first:
-            x = x.transpose(0, 1)
-        if not batched:
-            return x.squeeze(1 if not self.batch_first else 0), (h_n.squeeze(1), c_n.squeeze(1))
-        return x, (h_n, c_n)
+        return torch.stack(h_n), torch.stack(c_n), x
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -173,4 +195,10 @@ class LSTMCell(torch.nn.LSTMCell):
         if hx is None:
             zeros = input.new_zeros((*input.shape[:-1], self.hidden_size))
             hx = (zeros, zeros)
-        return lstm_ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        cast = _autocast_dtype("cuda") if input.device.type == "cuda" else None  # CPU autocast leaves lstm_cell alone
+        if cast is None:
+            return lstm_ops.lstm_cell(input, hx[0], hx[1], *weights)
+        with torch.autocast("cuda", enabled=False):
+            return lstm_ops.lstm_cell(input.to(cast), hx[0].to(cast), hx[1].to(cast),
+                                      *(w if w is None else w.to(cast) for w in weights))

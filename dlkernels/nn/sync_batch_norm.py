@@ -12,16 +12,21 @@ from .. import ops
 from ..ops.sync_batch_norm import sync_batch_norm
 
 # torch >= 2.12 lets batch norm drop its bias alone (``bias=False``); older versions have no such argument.
-_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.SyncBatchNorm.__init__).parameters
+_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.modules.batchnorm._BatchNorm.__init__).parameters
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` (same arguments, parameters, buffers, ``state_dict``), plus ``activation="relu"``.
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` (same arguments, parameters, buffers, ``state_dict``, ``process_group``,
+    ``convert_sync_batchnorm``), plus ``activation="relu"``.
 
     In training under an initialized ``torch.distributed`` group of more than one rank, the batch statistics are
     those of the union of every rank's batch (see ``dlkernels.ops.sync_batch_norm``: exact for unequal and empty
     batches); otherwise it is ``dlkernels.nn.BatchNorm*d``. Every rank of the group must call it in training, as
     with torch's module.
+
+    It is deliberately not a subclass of ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` refuses any
+    ``torch.nn.SyncBatchNorm`` on CPU ("SyncBatchNorm layers only work with GPU modules"), and this one runs on
+    gloo there. It shares torch's base class (``_BatchNorm``) and methods.
     """
 
     def __init__(
@@ -40,10 +45,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     ) -> None:
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.process_group = process_group
         self.activation = activation
+
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

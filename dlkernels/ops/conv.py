@@ -9,12 +9,12 @@ by the window size).
 Implementations (``dlkernels.backend``):
 - Triton implicit GEMM (``dlkernels.kernels.conv``), no im2col buffer, for fp16/bf16, and for fp32 where torch lets
   cuDNN use TF32 (``torch.backends.cudnn.allow_tf32``, default True; fp32 dots are TF32 on the GPU, IEEE fp32 under
-  the interpreter). The input is read through its strides: channels_last without copies (the fast layout), NCHW and
-  any other strides too, without a copy. ``groups=1`` only.
+  the interpreter). The input is read through its strides: channels_last without copies (the fast layout); on the GPU
+  an input whose channels are not contiguous (NCHW) is copied once to channels_last (2 x its bytes, per forward and
+  per weight-gradient backward), under the interpreter it is read in place. ``groups=1`` only.
 - The eager reference (``F.conv2d`` -> ``relu`` -> ``max_pool2d``/``avg_pool2d``): the CPU fallback and test oracle.
-  fp64, fp32 with TF32 disallowed, ``groups > 1`` and average pools with ReLU over windows of more than 63 positions
-  take it (the last three with a warn-once fallback; the kernels take average-pool-with-ReLU windows of up to 31
-  positions).
+  fp64, fp32 with TF32 disallowed, ``groups > 1`` and average pools with ReLU over windows of more than 31 positions
+  take it, with a warn-once fallback where a kernel backend runs (CUDA tensors, or the interpreter).
 
 The forward never writes the full-resolution activation: the pooling window is reduced inside the output tile. For
 the backward it saves, per pooled output element, a small integer ``code``:
@@ -287,9 +287,11 @@ def reference_backward(grad_out, x, weight, bias, stride, padding, dilation, gro
 # Custom ops.
 
 
-def unsupported(x: Tensor, groups: int, relu: bool, pool: Sequence[int]) -> Optional[str]:
+def unsupported(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, relu: bool,
+                pool: Sequence[int]) -> Optional[str]:
     """Why the Triton kernels cannot take this call (a valid configuration), or None."""
-    if x[0].numel() >= 2**31:
+    oh, ow = conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if max(x[0].numel(), weight.shape[0] * oh * ow) >= 2**31:
         return "one sample of more than 2^31 elements (the kernels index within a sample in 32 bits)"
     if x.dtype == torch.float64:
         return "float64 inputs (the kernels are fp16/bf16, and fp32 with TF32)"
@@ -318,7 +320,7 @@ def conv2d_forward(
     if x.shape[0] == 0:
         out, code = _empty_outputs(x, weight, stride, padding, dilation, relu, pool)
         return out, code.zero_()
-    impl = _backend.choose(OP, x.device, unsupported=unsupported(x, groups, relu, pool))
+    impl = _backend.choose(OP, x.device, unsupported=unsupported(x, weight, stride, padding, dilation, groups, relu, pool))
     if impl == "reference":
         return reference_forward(x, weight, bias, stride, padding, dilation, groups, relu, pool)
     from ..kernels import conv as kernels
@@ -354,7 +356,7 @@ def conv2d_backward(
     output_mask = [output_mask[0], output_mask[1], output_mask[2] and bias is not None]
     if x.shape[0] == 0:
         dx, dw, db = torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
-    elif _backend.choose(OP, x.device, unsupported=unsupported(x, groups, relu, pool)) == "reference":
+    elif _backend.choose(OP, x.device, unsupported=unsupported(x, weight, stride, padding, dilation, groups, relu, pool)) == "reference":
         dx, dw, db = reference_backward(grad_out, x, weight, bias, stride, padding, dilation, groups, relu, pool,
                                         output_mask)
     else:
@@ -388,9 +390,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(code)
 
 
+def _differentiable_backward(ctx, grad_out, x, weight, bias, mask):
+    """Double backward (create_graph=True): the gradients of the eager reference, which autograd differentiates
+    again (the kernels' backward has no derivative of its own)."""
+    _backend.warn_fallback(OP, "double backward (create_graph=True) is differentiated through the reference")
+    stride, padding, dilation, groups, relu, pool = ctx.options
+    top, bottom, left, right = padding
+    z = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    y = _reference_pool(torch.relu(z) if relu else z, pool)
+    wanted = [t for t, m in zip((x, weight, bias), mask) if m]
+    grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if m else None for m in mask)
+
+
 def _backward(ctx, grad_out, grad_code):
     x, weight, bias, out, code = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():
+        dx, dw, db = _differentiable_backward(ctx, grad_out, x, weight, bias, mask)
+        return dx, dw, db, None, None, None, None, None, None
     if out is None:
         out = x.new_empty(0)
     dx, dw, db = torch.ops.dlkernels.conv2d_backward(grad_out, x, weight, bias, out, code, *ctx.options, mask)

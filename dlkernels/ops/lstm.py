@@ -27,6 +27,7 @@ engines are predicted slower; chosen by the modules and ``lstm_layer`` before an
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -146,8 +147,14 @@ def _engine(x_proj: Tensor, w_hr: Optional[Tensor]) -> str:
         if supported:
             return "persistent"
         why = "proj_size > 0" if w_hr is not None else f"batch {x_proj.shape[1]}, hidden {x_proj.shape[2] // 4}"
-        _backend.warn_fallback(OP, f"the persistent CUDA kernel does not take {why}")
-        return "per_step" if _backend.triton_available() else "reference"
+        if not _backend.triton_available():
+            _backend.warn_fallback(OP, f"the persistent CUDA kernel does not take {why} and triton is not available")
+            return "reference"
+        if (OP, why) not in _backend._warned:  # once per reason, as _backend.warn_fallback
+            _backend._warned.add((OP, why))
+            warnings.warn(f"dlkernels.{OP}: the persistent CUDA kernel does not take {why}; using the per-step "
+                          "Triton engine", stacklevel=3)
+        return "per_step"
     if _backend.get_backend() == "triton":
         return "per_step"
     from ..kernels.launch import lstm_engine
@@ -169,7 +176,9 @@ def lstm_cell_forward(gx: Tensor, gh: Tensor, cx: Tensor) -> tuple[Tensor, Tenso
     """(h, c, gates) of one step from the two gate pre-activations (B, 4H): h, c in gx's dtype, gates the
     post-activation gates in fp32 (fp64 for fp64), saved for backward."""
     unsupported = "float64 inputs (the kernels are fp16/bf16/fp32)" if gx.dtype == torch.float64 else None
-    if gx.numel() and _backend.choose(OP, gx.device, unsupported=unsupported) != "reference":
+    # The family has a CUDA C++ kernel (the persistent recurrence); one cell step runs the Triton cell under
+    # backend "cuda" too.
+    if gx.numel() and _backend.choose(OP, gx.device, has_cuda=True, unsupported=unsupported) != "reference":
         from ..kernels import lstm as kernels
 
         return kernels.cell_forward(gx.contiguous(), gh.contiguous(), cx.contiguous())
@@ -199,7 +208,7 @@ def lstm_cell_backward(grad_h: Tensor, grad_c: Tensor, gates: Tensor, cx: Tensor
                        ) -> tuple[Tensor, Tensor]:
     """(grad of the gate pre-activations (B, 4H) in ``dtype``, grad of cx in cx's dtype)."""
     unsupported = "float64 inputs (the kernels are fp16/bf16/fp32)" if gates.dtype == torch.float64 else None
-    if gates.numel() and _backend.choose(OP, gates.device, unsupported=unsupported) != "reference":
+    if gates.numel() and _backend.choose(OP, gates.device, has_cuda=True, unsupported=unsupported) != "reference":
         from ..kernels import lstm as kernels
 
         d_pre, dcx = kernels.cell_backward(grad_h.contiguous(), grad_c.contiguous(), gates.contiguous(),
@@ -524,13 +533,14 @@ def _project(input: Tensor, w_ih: list, b_ih: list, b_hh: list) -> list[Tensor]:
     bias = None
     if b_ih[0] is not None or b_hh[0] is not None:
         bias = [sum(b for b in (bi, bh) if b is not None) for bi, bh in zip(b_ih, b_hh)]
+    four_h = w_ih[0].shape[0]
     if len(w_ih) == 1:
         out = torch.nn.functional.linear(x, w_ih[0], bias[0] if bias is not None else None)
-        return [out.view(steps, batch, -1)]
+        return [out.view(steps, batch, four_h)]
     w = torch.stack(w_ih).transpose(1, 2)  # (D, I, 4H)
     xs = x.unsqueeze(0).expand(len(w_ih), -1, -1)
     out = torch.baddbmm(torch.stack(bias).unsqueeze(1), xs, w) if bias is not None else torch.bmm(xs, w)
-    return [o.view(steps, batch, -1) for o in out.unbind(0)]
+    return [o.view(steps, batch, four_h) for o in out.unbind(0)]
 
 
 def lstm_layer_bidirectional(

@@ -24,6 +24,23 @@ def check_lr(lr, foreach=None, capturable=False) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without torch.distributed.tensor: no FSDP2 parameters can exist
+        return None
+    return DTensor
+
+
+def local_shards(tensors: list) -> list:
+    """This rank's shards of DTensor (FSDP2 ``fully_shard``) tensors, the others as they are: the fused update is
+    elementwise, so stepping each rank's shard of a parameter, gradient and state is stepping the whole."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return tensors
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
 def check_nonnegative(name: str, value) -> None:
     if not 0.0 <= value:
         raise ValueError(f"Invalid {name} value: {value}")
@@ -133,9 +150,28 @@ class FusedOptimizer(Optimizer):
             if not self._supports_sparse_grads and any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{self._sparse_name} does not support sparse gradients, please consider SparseAdam "
                                    f"instead")
+            self._check_sharding(params)
             device = params[0].device
             self._step_group(group, params, _on(grad_scale, device), _on(found_inf, device))
         return loss
+
+    # Whether an update of each element reads only that element (then DTensor shards step independently).
+    _elementwise = True
+
+    def _check_sharding(self, params) -> None:
+        dtensor = _dtensor_class()
+        if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+            return
+        if not self._elementwise:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot step DTensor (FSDP2 fully_shard) parameters: its update reduces "
+                "over whole parameters, which each rank holds only a shard of"
+            )
+        for p in params:
+            if not isinstance(p.grad, dtensor) or p.grad.placements != p.placements:
+                raise RuntimeError(f"{type(self).__name__}: a DTensor parameter needs a gradient with the same "
+                                   f"placements, got {getattr(p.grad, 'placements', type(p.grad).__name__)} for "
+                                   f"{p.placements}")
 
     def _step_group(self, group, params, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import adam_step
-from ._fused import FusedOptimizer, check_adam_args, check_fused_flags
+from ._fused import FusedOptimizer, check_adam_args, check_fused_flags, local_shards
 
 
 class Adam(FusedOptimizer):
@@ -96,7 +96,7 @@ class Adam(FusedOptimizer):
         lr, lr_tensor = self._lr(group)
         beta1, beta2 = group["betas"]
         adam_step(
-            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            *map(local_shards, (params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs)), steps,
             lr, lr_tensor, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"]), grad_scale,
             found_inf,

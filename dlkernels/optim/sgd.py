@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd as torch_sgd
 
 from ..ops.optim import _skipped, _unscale, sgd_step
-from ._fused import FusedOptimizer, check_fused_flags
+from ._fused import FusedOptimizer, check_fused_flags, local_shards
 
 
 def check_sgd_args(lr, momentum, dampening, weight_decay, nesterov) -> None:
@@ -95,7 +95,7 @@ class SGD(FusedOptimizer):
             bool(group["nesterov"]), bool(group["maximize"]), grad_scale, found_inf,
         )
         if group["momentum"] == 0:
-            sgd_step(params, [p.grad for p in params], [], False, *hyper)
+            sgd_step(local_shards(params), local_shards([p.grad for p in params]), [], False, *hyper)
             return
         # Params without a buffer start it at their gradient (torch's rule), apart from those that have one.
         continuing = [p for p in params if self.state[p].get("momentum_buffer") is not None]
@@ -105,7 +105,7 @@ class SGD(FusedOptimizer):
         for subset, first_step in ((continuing, False), (starting, True)):
             if subset:
                 buffers = [self.state[p]["momentum_buffer"] for p in subset]
-                sgd_step(subset, [p.grad for p in subset], buffers, first_step, *hyper)
+                sgd_step(*map(local_shards, (subset, [p.grad for p in subset], buffers)), first_step, *hyper)
 
     def _step_group_sparse(self, group, params, grad_scale, found_inf) -> None:
         """torch's for-loop SGD, which takes sparse gradients, after AMP's skip and unscale."""

@@ -38,6 +38,7 @@ class SWATS(FusedOptimizer):
         super().__init__(params, defaults)
 
     _sparse_name = "SWATS"
+    _elementwise = False  # the switch test sums over every element of the group
     _required_group_keys = ("lr", "betas", "eps", "weight_decay")
     _required_state_keys = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
 
