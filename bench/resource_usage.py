@@ -432,15 +432,8 @@ def _dtypes(signature: dict) -> str:
     return ",".join(sorted({v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")}))
 
 
-def _sizes(constexprs: list) -> str:
-    parts = []
-    for path, value in constexprs:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-            parts.append(f"{path}={value}")
-    return " ".join(parts)
-
-
-def _named_constexprs(launch: dict) -> dict:
+def named_constexprs(launch: dict) -> dict:
+    """A launch's constexpr values by parameter name (block sizes, flags, dtypes)."""
     names = list(launch["signature"])
     return {names[path[0]]: value for path, value in launch["constexprs"] if len(path) == 1}
 
@@ -461,7 +454,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| op | kernel | dtypes | constexprs | warps/stages | regs | spill B | smem KB | grid | /SM (limit) "
              "| waves (tail) | dots | SASS |", "|" + "---|" * 13]
     for r in rows:
-        consts = {k: v for k, v in _named_constexprs(r).items()
+        consts = {k: v for k, v in named_constexprs(r).items()
                   if isinstance(v, int) and not isinstance(v, bool) and (k.isupper() or k == "D")}
         head = (f"| {r['label']} | {r['name']} | {_dtypes(r['signature'])} | "
                 f"{' '.join(f'{k}={v}' for k, v in consts.items())} |")

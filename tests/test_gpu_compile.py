@@ -10,6 +10,7 @@ same at the benchmark shapes and prints registers, spills, shared memory, waves 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -90,19 +91,31 @@ def _workload():
             sum(cell(make_input((3, 5), dtype, requires_grad=True))).sum().backward()
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """Every launch of ``_workload`` with its sm_90 compile result (compiled once per test module)."""
-    os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"] = "1"
-    try:
-        launches = resource_usage.record(_workload)
-    finally:
-        del os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"]
-    return resource_usage.compile_launches(launches)
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """Every launch of ``_workload`` with its sm_90 compile result. Compiled once per run: under xdist the first
+    worker to get here compiles and the others read its result (tests of this file may land on both workers)."""
+    def compile_all():
+        os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"] = "1"
+        try:
+            launches = resource_usage.record(_workload)
+        finally:
+            del os.environ["DLKERNELS_GPU_LAUNCH_CONFIG"]
+        return resource_usage.compile_launches(launches)
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return compile_all()
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "gpu_compile.json"  # this run's folder, shared by its workers
+    with FileLock(str(shared) + ".lock"):
+        if not shared.is_file():
+            shared.write_text(json.dumps(compile_all()))
+        return json.loads(shared.read_text())
 
 
 def _describe(row: dict) -> str:
-    consts = {k: v for k, v in resource_usage._named_constexprs(row).items() if k.isupper()}
+    consts = {k: v for k, v in resource_usage.named_constexprs(row).items() if k.isupper()}
     return f"{row['name']} {row['signature']} {consts} {row['options'].get('num_warps')} warps"
 
 
