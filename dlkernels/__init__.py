@@ -12,7 +12,9 @@ from ._backend import (
     set_backend,
 )
 from . import ops, nn, optim  # noqa: E402  (ops register with torch.library on import)
+from . import models  # noqa: E402
 from ._backend import check_cuda_extension as _check_cuda_extension
+from ._convert import convert  # noqa: E402
 
 _check_cuda_extension()  # an installed _C that fails to load or was built against another torch: say so now
 
@@ -25,14 +27,9 @@ __all__ = [
     "backend",
     "get_backend",
     "set_backend",
+    "convert",
+    "models",
     "ops",
     "nn",
     "optim",
 ]
-
-from ._convert import convert  # noqa: E402
-
-__all__ += ["convert"]
-from . import models  # noqa: E402
-
-__all__ += ["models"]

@@ -5,6 +5,5 @@ from .conv import Conv2d, ConvBlock2d
 from .lstm import LSTM, LSTMCell
 from .sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBlock2d", "MultiheadAttention",
-           "SyncBatchNorm", "TransformerEncoderLayer"]
-__all__ += ["LSTM", "LSTMCell"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBlock2d", "LSTM", "LSTMCell",
+           "MultiheadAttention", "SyncBatchNorm", "TransformerEncoderLayer"]

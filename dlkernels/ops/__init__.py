@@ -5,5 +5,5 @@ from .conv import conv2d
 from .lstm import lstm_cell, lstm_layer, lstm_layer_bidirectional
 from .optim import adam_step, sgd_step, swats_step
 
-__all__ = ["attention", "batch_norm", "conv2d", "adam_step", "sgd_step", "swats_step"]
-__all__ += ["lstm_cell", "lstm_layer", "lstm_layer_bidirectional"]
+__all__ = ["attention", "batch_norm", "conv2d", "lstm_cell", "lstm_layer", "lstm_layer_bidirectional", "adam_step",
+           "sgd_step", "swats_step"]
