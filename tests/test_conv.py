@@ -477,3 +477,22 @@ def test_conv_block_signature_is_the_issues():
     block = dlkernels.nn.ConvBlock2d(3, 8, 3, 1, 1, False, None, ("max", 2))
     assert block.bias is None and block.activation is None and block.pool == ("max", 2)
     assert set(block.state_dict()) == set(torch.nn.Conv2d(3, 8, 3, bias=False).state_dict())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_runs_in_the_autocast_dtype_as_torch(backend):
+    """Under torch.autocast F.conv2d runs in the autocast dtype (bf16 here, with fp32 weights): the drop-in too."""
+    torch.manual_seed(0)
+    ours = dlkernels.nn.Conv2d(3, 16, 3, padding=1, activation="relu", pool=("max", 2))
+    theirs = torch.nn.Conv2d(3, 16, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = make_input((2, 3, 8, 8), seed=31, requires_grad=True)
+    with dlkernels.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+        expected = F.max_pool2d(torch.relu(theirs(x)), 2)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    reference = F.max_pool2d(torch.relu(F.conv2d(x.double(), theirs.weight.double(), theirs.bias.double(),
+                                                 padding=1)), 2)
+    assert_close(y, reference, expected, terms=27)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and ours.weight.grad.dtype == torch.float32

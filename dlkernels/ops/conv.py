@@ -466,6 +466,9 @@ def conv2d(
             f"conv2d: pool kernel_size ({pool_args[1]} x {pool_args[2]}) is larger than the convolution output "
             f"({oh} x {ow}): output size is too small"
         )
+    if torch.is_autocast_enabled(input.device.type):  # as F.conv2d, which is on autocast's lower-precision list
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias = (t.to(dtype) if t is not None else None for t in (input, weight, bias))
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     out, _ = torch.ops.dlkernels.conv2d_forward(
