@@ -78,11 +78,13 @@ class TwoBranchNet(torch.nn.Module):
         self.embed = torch.nn.Embedding(10, 8)
         self.lstm = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True)
         self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.cell = torch.nn.LSTMCell(16, 16)
         self.head = torch.nn.Linear(16, 3)
 
     def forward(self, images, tokens):
         seq, _ = self.lstm(self.embed(tokens))
-        return self.image(images), self.head(self.layer(seq)[:, -1])
+        h, _ = self.cell(self.layer(seq)[:, -1])
+        return self.image(images), self.head(h)
 
 
 def _ddp_data():
@@ -110,17 +112,24 @@ def _scenario_ddp(rank: int) -> dict:
 
     model = _ddp_model(convert=True)
     assert isinstance(model.image[1], dlkernels.nn.SyncBatchNorm)
+    assert isinstance(model.cell, dlkernels.nn.LSTMCell) and isinstance(model.lstm, dlkernels.nn.LSTM)
     ddp = DistributedDataParallel(model)
-    opt = dlkernels.optim.Adam(ddp.parameters(), lr=0.01)
+    # Every fused optimizer, each on a part of the model.
+    opts = [dlkernels.optim.SGD(model.image.parameters(), lr=0.01, momentum=0.9),
+            dlkernels.optim.AdamW([*model.embed.parameters(), *model.lstm.parameters()], lr=0.01),
+            dlkernels.optim.Adam(model.layer.parameters(), lr=0.01),
+            dlkernels.optim.SWATS([*model.cell.parameters(), *model.head.parameters()], lr=0.01)]
     half = DDP_BATCH // WORLD
     out = {}
     for step in range(2):
         images, tokens, labels = (t[rank * half:(rank + 1) * half] for t in _ddp_data())
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         _ddp_loss(ddp, images, tokens, labels).backward()
         if step == 0:
             out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
+        for opt in opts:
+            opt.step()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return out
 
