@@ -14,7 +14,8 @@ else
   echo "[setup] CPU machine: torch==2.13.0 (CPU build) and triton==3.8.0"
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check torch==2.13.0 triton==3.8.0 \
-    setuptools wheel ninja pybind11 pytest pytest-benchmark pytest-xdist hypothesis matplotlib tqdm numpy
+    setuptools wheel ninja pybind11 pytest pytest-benchmark pytest-xdist hypothesis matplotlib tqdm numpy \
+    expecttest scikit-learn
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 touch "$venv/.installed"
