@@ -7,6 +7,7 @@
 # rerun them with e.g. PHASES=bench BENCH_OPS="attention models" (the build stays on a warm machine).
 #   PHASES="build tests bench"      which phases to run (default: all three)
 #   BENCH_OPS="op[:seconds] ..."    benchmark order and caps; bench modules not named run last with DEFAULT_CAP
+#   TESTS_CAP=seconds               the GPU tests' cap (default 180)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,7 +40,8 @@ fi
 
 if wants tests; then
   phase "GPU tests"
-  timeout "$(cap 180)" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
+  # -v: one line per test as it finishes, so a run stopped by the cap still says what passed and what failed.
+  timeout "$(cap "${TESTS_CAP:-180}")" "$PY" -m pytest -v -m gpu -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
   tests_rc=$?
 fi
 
@@ -77,8 +79,12 @@ echo "bench: ${bench_status[*]:-skipped}"
 if (( ${#not_run[@]} )); then
   echo "NOT RUN (out of time): ${not_run[*]} -> rerun: PHASES=bench BENCH_OPS=\"${not_run[*]}\" bash bench/gpu_check.sh"
 fi
+if [ "$tests_rc" = 124 ]; then
+  echo "GPU tests stopped at their cap after $(grep -cE " (PASSED|FAILED|ERROR|SKIPPED)" "$OUT/gpu-tests.log") tests" \
+    "-> rerun: PHASES=tests TESTS_CAP=500 bash bench/gpu_check.sh"
+fi
 tail -1 "$OUT/gpu-tests.log" 2>/dev/null
-grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" 2>/dev/null | head -20
+grep -E "(^(FAILED|ERROR) | (FAILED|ERROR)( |$))" "$OUT/gpu-tests.log" 2>/dev/null | head -20
 grep -hE "copy .* GB/s" "$OUT"/bench-*.log 2>/dev/null | head -1
 for log in "$OUT"/bench-*.log; do
   [ -e "$log" ] || continue
