@@ -4,7 +4,7 @@ Providers per model: ``torch`` (the ``stock=True`` twin, ``torch.optim.Adam`` wi
 ``dlkernels`` (the dlkernels model, fused conv/batch-norm/LSTM/attention modules, ``dlkernels.optim.Adam``); with
 ``--full`` also both under ``torch.compile``, and the stock model run through ``dlkernels.convert`` +
 ``dlkernels.optim.from_torch`` (what a user with an existing model gets). bf16 parameters and activations (the
-models are cast: see bench/NOTES.md, "Models", for why not autocast), image models in channels_last. Shapes are
+models are cast; an autocast variant is open work, see bench/NOTES.md, "Models"), image models in channels_last. Shapes are
 those of the issue's targets (H200): VGG-16-BN and ResNet-18 at B64 224², the BiLSTM tagger at T256 B32 H512 2
 layers, the speech encoder at B8 with 1500 frames after subsampling, d 256, 6 layers, window (64, 16).
 
