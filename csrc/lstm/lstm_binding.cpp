@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "common/binding.h"
 #include "lstm/lstm_persistent.cuh"
 
 namespace dlkernels {
@@ -16,19 +17,6 @@ namespace {
 
 bool is_storage_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
-ScalarType kernel_dtype(at::ScalarType dtype, const char* op) {
-  switch (dtype) {
-    case at::kFloat:
-      return ScalarType::kFloat32;
-    case at::kHalf:
-      return ScalarType::kFloat16;
-    case at::kBFloat16:
-      return ScalarType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "dlkernels._C.", op, ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  }
 }
 
 void check_cuda(int code, const char* op) {
@@ -60,7 +48,7 @@ at::Tensor aligned16(const at::Tensor& t) {
 
 Plan checked_plan(int64_t hidden, at::ScalarType dtype, at::Device device, int64_t batch, const char* op) {
   int error = 0;
-  const Plan plan = plan_for(static_cast<int>(hidden), kernel_dtype(dtype, op), device.index(), &error);
+  const Plan plan = plan_for(static_cast<int>(hidden), kernel_dtype(dtype, op, "dtype"), device.index(), &error);
   check_cuda(error, op);
   TORCH_CHECK(plan.reason == nullptr, "dlkernels._C.", op, ": unsupported shape hidden_size=", hidden,
               ", batch=", batch, ", dtype=", dtype, " on ", device, ": ", plan.reason,
@@ -77,8 +65,8 @@ Stream current_stream(at::Device device) {
 bool lstm_persistent_supported(int64_t hidden_size, int64_t batch, at::ScalarType dtype, int64_t device_index) {
   if (!is_storage_dtype(dtype) || batch < 0 || hidden_size <= 0 || hidden_size > (1 << 20)) return false;
   int error = 0;
-  const Plan plan = plan_for(static_cast<int>(hidden_size), kernel_dtype(dtype, "lstm_persistent_supported"),
-                             static_cast<int>(device_index), &error);
+  const ScalarType kernel = kernel_dtype(dtype, "lstm_persistent_supported", "dtype");
+  const Plan plan = plan_for(static_cast<int>(hidden_size), kernel, static_cast<int>(device_index), &error);
   return error == 0 && plan.reason == nullptr;  // a device the runtime cannot query cannot run the kernels
 }
 
@@ -126,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_pers
   args.steps = static_cast<int>(steps);
   args.batch = static_cast<int>(batch);
   args.hidden = static_cast<int>(hidden);
-  check_cuda(forward(args, kernel_dtype(dtype, op), plan, current_stream(device)), op);
+  check_cuda(forward(args, kernel_dtype(dtype, op, "dtype"), plan, current_stream(device)), op);
   return {y, h_n, c_n, gates, c_all};
 }
 
@@ -175,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_persistent_backward(
   args.steps = static_cast<int>(steps);
   args.batch = static_cast<int>(batch);
   args.hidden = static_cast<int>(hidden);
-  check_cuda(backward(args, kernel_dtype(dtype, op), plan, current_stream(device)), op);
+  check_cuda(backward(args, kernel_dtype(dtype, op, "dtype"), plan, current_stream(device)), op);
   return {grad_gates, grad_h0, grad_c0};
 }
 

@@ -15,14 +15,10 @@
 #include <cstddef>
 #include <cstdint>
 
-struct CUstream_st;
+#include "common/types.cuh"
 
 namespace dlkernels {
 namespace lstm {
-
-using Stream = CUstream_st*;
-
-enum class ScalarType { kFloat32, kFloat16, kBFloat16 };
 
 // How the kernels split a hidden size over the device, or why they cannot (`reason` non-null).
 struct Plan {

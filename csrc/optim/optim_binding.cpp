@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/binding.h"
 #include "optim/optim_kernels.cuh"
 
 namespace dlkernels {
@@ -19,20 +20,6 @@ namespace optim {
 namespace {
 
 using TensorList = std::vector<at::Tensor>;
-
-ScalarType kernel_dtype(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarType::kFloat32;
-    case at::kHalf:
-      return ScalarType::kFloat16;
-    case at::kBFloat16:
-      return ScalarType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "dlkernels._C.", op, ": params must be float32, float16 or bfloat16, got ",
-                       t.scalar_type());
-  }
-}
 
 // The tensors of one dtype, as the kernels' address lists.
 struct Bucket {
@@ -65,7 +52,7 @@ std::vector<Bucket> bucket_by_dtype(const std::vector<const TensorList*>& lists,
   TORCH_CHECK(device.is_cuda(), "dlkernels._C.", op, ": params must be CUDA tensors, got ", device);
   std::vector<Bucket> buckets;
   for (size_t t = 0; t < params.size(); ++t) {
-    const ScalarType dtype = kernel_dtype(params[t], op);
+    const ScalarType dtype = kernel_dtype(params[t].scalar_type(), op, "params");
     Bucket* bucket = nullptr;
     for (auto& b : buckets) {
       if (b.dtype == dtype) bucket = &b;

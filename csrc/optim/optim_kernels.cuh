@@ -9,14 +9,10 @@
 
 #include <cstdint>
 
-struct CUstream_st;
+#include "common/types.cuh"
 
 namespace dlkernels {
 namespace optim {
-
-using Stream = CUstream_st*;
-
-enum class ScalarType { kFloat32, kFloat16, kBFloat16 };
 
 // lists[l][t]: the address of tensor t of list l (list 0: params, 1: grads, then the optimizer states in the order
 // each step documents). All tensors of one call share `dtype` and are contiguous; numels[t] elements each.
