@@ -120,8 +120,9 @@ def conv_gemm_config(device, m: int, c: int, co: int, dtype: torch.dtype, pooled
             block_k = 16 if dtype == torch.float32 else 32
         else:
             block_k = min(block_k, max(16, next_pow2(c)))
-        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile.
-        big = block_m * block_n >= 128 * 128 or (pooled and block_m * block_n >= 128 * 64)
+        # 8 warps also for the flattened K, whose 2-D gather addresses take as many registers as a tile, and for
+        # 64-row tiles of 128 channels (a strided dgrad spilled 1 KB on 4).
+        big = block_m * block_n >= (128 * 64 if pooled or block_m < 128 else 128 * 128)
         warps = 8 if big or (conv_flat_k(c) and block_m >= 128) else 4
         stages = 2 if dtype == torch.float32 and conv_flat_k(c) else 3  # fp32 gathers spill with 3 stages (AlexNet)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
@@ -135,7 +136,8 @@ def conv_wgrad_config(device, co: int, c: int, dtype: torch.dtype) -> dict:
     if gpu_launch_config(device):
         block_n = 32 if conv_flat_k(c) else max(16, min(128, next_pow2(c)))
         block_m = max(16, min(128, next_pow2(co)))
-        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        # As the forward: 8 warps for the flattened K's 2-D gather addresses (C_in = 1 spilled 2 KB on 4).
+        warps = 8 if block_m * block_n >= 128 * 128 or (conv_flat_k(c) and block_m >= 128) else 4
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
                     num_warps=warps, num_stages=3)
     return dict(BLOCK_M=max(16, min(64, next_pow2(co))),
